@@ -1,0 +1,145 @@
+"""
+The adversarial half of Imagine Flash: a discriminator that tells real images from the student's x̂_0,
+and the hinge losses that train it and the student (METHOD.md, "Adversarial loss").
+
+Two discriminators, as in the paper:
+  UNetDiscriminator       built from the teacher U-Net: a trainable copy of its encoder (conv_in, time
+                          embedding, down blocks, middle block) plus a small conv head on every feature
+                          scale. Real and fake inputs are first noised to the same random timestep s
+                          (a "diffusion GAN", as UFOGen / SDXL-Lightning / DMD2), so the discriminator
+                          works where the teacher's features are meaningful: in the teacher's own
+                          (latent) space, conditioned through the teacher's own cross-attention.
+                          The paper uses it for 1-step students. Nothing to download.
+  ProjectedDiscriminator  StyleGAN-T / ADD: trainable 1-D conv heads on several layers of a FROZEN
+                          ViT (DINOv2 from transformers for real runs), with the condition projected into
+                          each head's output. Works on pixels (latents are decoded first).
+Losses (per sample, the loop reduces):
+  D:  L_D = max(0, 1 − D(x_real)) + max(0, 1 + D(x_fake))         hinge
+  G:  L_G = −D(x_fake)
+  R1: ‖∇_x D(x_real)‖²   optional, on real inputs
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------------
+def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    # hinge: push real logits above +1 and fake logits below −1; (B,)
+    return F.relu(1.0 - logits_real) + F.relu(1.0 + logits_fake)
+
+
+def g_hinge_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    # the generator raises the discriminator's score of its samples; (B,)
+    return -logits_fake
+
+
+def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
+    """‖∇_x D(x)‖² per sample on real inputs (x_real must require grad); (B,)."""
+    (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1)
+
+
+def noise_pair(schedule, x_real: torch.Tensor, x_fake: torch.Tensor, s: torch.Tensor, eps_real: torch.Tensor,
+               eps_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1 applied to real and fake with the SAME timesteps s (B,): the diffusion-GAN input."""
+    return schedule.q_sample(x_real, eps_real, s), schedule.q_sample(x_fake, eps_fake, s)
+
+
+# --------------------------------------------------------------------------------------------------
+# U-Net-encoder discriminator (built from the teacher)
+# --------------------------------------------------------------------------------------------------
+class ConvHead(nn.Module):
+    """A feature map (B, C, h, w) → one logit per sample: conv 3×3, SiLU, conv 1×1, spatial mean."""
+
+    def __init__(self, channels: int, hidden: int = 64):
+        super().__init__()
+        groups = math.gcd(32, channels)
+        self.net = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, hidden, 3, padding=1),
+                                 nn.SiLU(), nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h).mean((1, 2, 3))  # (B,)
+
+
+class UNetDiscriminator(nn.Module):
+    """D(x_s, s, c): the teacher's encoder (copied, trainable) + a ConvHead per feature scale, summed."""
+
+    def __init__(self, teacher_unet: nn.Module, hidden: int = 64):
+        super().__init__()
+        encoder = copy.deepcopy(teacher_unet)
+        # the decoder half is not part of the discriminator: drop it, so no parameter goes unused (DDP)
+        for name in ("up_blocks", "conv_norm_out", "conv_act", "conv_out"):
+            delattr(encoder, name)
+        self.encoder = encoder.train().requires_grad_(True)
+        cfg = teacher_unet.config
+        channels = list(cfg["block_out_channels"]) + ([cfg["block_out_channels"][-1]] if encoder.mid_block is not None else [])
+        self.heads = nn.ModuleList(ConvHead(c, hidden) for c in channels)
+
+    def forward(self, x_s: torch.Tensor, s: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.encoder.encode(x_s, s, cond)  # one per down block, + mid
+        return sum(head(f) for head, f in zip(self.heads, features))  # (B,)
+
+
+# --------------------------------------------------------------------------------------------------
+# projected discriminator on a frozen ViT (StyleGAN-T / ADD)
+# --------------------------------------------------------------------------------------------------
+class TokenHead(nn.Module):
+    """ViT tokens (B, N, C) → per-token logits, conditioned by projection: ⟨h(tokens), W c⟩ / sqrt(d)."""
+
+    def __init__(self, channels: int, cond_dim: int | None, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(channels, hidden, 1), nn.LeakyReLU(0.2),
+                                 nn.Conv1d(hidden, hidden, 9, padding=4, padding_mode="circular"), nn.LeakyReLU(0.2))
+        self.out = nn.Conv1d(hidden, hidden if cond_dim else 1, 1)
+        self.cond_proj = nn.Linear(cond_dim, hidden) if cond_dim else None
+        self.hidden = hidden
+
+    def forward(self, tokens: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        h = self.out(self.net(tokens.transpose(1, 2)))  # (B, hidden or 1, N)
+        if self.cond_proj is None:
+            return h.mean((1, 2))
+        cmap = self.cond_proj(c)  # (B, hidden)
+        return ((h * cmap[:, :, None]).sum(1) / math.sqrt(self.hidden)).mean(1)  # (B,)
+
+
+class ProjectedDiscriminator(nn.Module):
+    """Trainable TokenHeads on hidden layers `layers` of a frozen transformers ViT (e.g. DINOv2).
+
+    Input: images in [−1, 1], any size: resized to the ViT's image size and ImageNet-normalised.
+    The condition (B, L, D) is mean-pooled over tokens and projected into every head."""
+
+    def __init__(self, vit: nn.Module, layers: tuple[int, ...] | None = None, cond_dim: int | None = None,
+                 image_size: int | None = None, hidden: int = 64):
+        super().__init__()
+        self.vit = vit.eval().requires_grad_(False)  # frozen features; gradients still flow to the input
+        n_layers, width = vit.config.num_hidden_layers, vit.config.hidden_size
+        self.layers = tuple(layers) if layers else tuple(sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75, 1.0)}))
+        self.image_size = image_size or vit.config.image_size
+        self.heads = nn.ModuleList(TokenHead(width, cond_dim, hidden) for _ in self.layers)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "ProjectedDiscriminator":
+        """A DINOv2 (or any transformers ViT) folder or hub id, e.g. facebook/dinov2-small."""
+        from transformers import AutoModel
+        return cls(AutoModel.from_pretrained(path), **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vit.eval()  # the frozen ViT never switches to training behaviour (dropout)
+        return self
+
+    def forward(self, x: torch.Tensor, s=None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x: images in [−1, 1] (B, 3, H, W); s is accepted for a common call signature and ignored."""
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        hidden = self.vit(pixel_values=x, output_hidden_states=True).hidden_states  # embeddings, layer 1, …
+        c = cond.mean(1) if cond is not None else None  # (B, D)
+        return sum(head(hidden[i], c) for head, i in zip(self.heads, self.layers))  # (B,)

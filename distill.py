@@ -1,0 +1,537 @@
+"""
+Imagine Flash: distill a noise-predicting diffusion teacher into a 1–3 step student (METHOD.md).
+
+One iteration, each piece a named function below:
+  1. draw conditions c, noise x_T ~ N(0, I) and the training timestep t from the student's timesteps
+  2. backward_rollout   (Eq. 7)  x^Θ_{T→t}: the student's own sampler from x_T down to t, no gradient
+     forward_noising    (Eq. 6)  the "w/o backward distillation" ablation: q(x_0, ε, t) of a data sample
+  3. student prediction (Eq. 5)  x̂_0^Θ = x̂_0(x^Θ_{T→t}, ε̂_Θ, t), with gradient
+  4. srl_target         (Eq. 8)  the teacher's k-step x̂_0 from the student's own x̂_0 re-noised to γ(t)
+     plain_target       (Eq. 7)  … from x^Θ_{T→t} itself;   --recon none: no reconstruction term
+  5. adversarial term            generator hinge loss on x̂_0^Θ; the discriminator steps on real vs fake
+  6. loss = ‖target − x̂_0^Θ‖² + λ_adv · L_G;  Adam; EMA of the student
+
+Run:   python distill.py --preset toy --teacher runs/toy/teacher
+       torchrun --nproc_per_node=8 distill.py --preset t2i --teacher path/to/sd15 --data path/to/captions
+Every flag overrides the preset; `python distill.py --help` lists them.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import engine
+from discriminator import (ProjectedDiscriminator, UNetDiscriminator, d_hinge_loss, g_hinge_loss, noise_pair,
+                           r1_penalty)
+from pipeline import encode_prompts, load_pipeline, save_pipeline
+from sampler import eps_fn_for, sample, uniform
+from schedule import VPSchedule
+
+
+# --------------------------------------------------------------------------------------------------
+# presets: plain data, one place; every field is also a command-line flag
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    teacher: str = "runs/toy/teacher"  # pipeline folder (train.py output, diffusers folder) or hub id
+    data: str = "toy"  # "toy" | "cifar10:<root>" | image–caption folder | prompts .txt (no real images)
+    out: str = "runs/toy/student"
+    steps: int = 600
+    global_batch: int = 64
+    micro_batch: int = 64
+    lr: float = 5e-6  # student (paper: 5e-6)
+    lr_disc: float = 1e-4  # discriminator (paper: 1e-4)
+    adam_betas: tuple = (0.9, 0.999)
+    timesteps: tuple = (999, 750, 500)  # the student's inference timesteps; training t is drawn from them
+    noise_correction: bool = True  # Eq. 9 in the rollout (and at inference)
+    recon: str = "srl"  # "srl" (Eq. 8) | "plain" (Eq. 7) | "none" (discriminator only)
+    backward: bool = True  # False: forward-noised data x_t (Eq. 6) instead of the backward rollout
+    k: int = 8  # teacher steps in the target
+    cfg_scale: float = 2.0  # guidance of the teacher's target (the student runs without CFG)
+    # γ(t) as data: (threshold, γ) pairs, the first with t > threshold applies. Paper: 990 / 950 / 200.
+    gamma: tuple = ((900, 990), (500, 950), (-1, 200))
+    disc: str = "unet"  # "unet" (teacher encoder) | "projected" (frozen ViT) | "none"
+    disc_vit: str = "facebook/dinov2-small"  # for disc = "projected"
+    lambda_adv: float = 0.1
+    disc_t_max: int = 750  # the diffusion-GAN timestep s ~ U[0, disc_t_max) for the U-Net discriminator
+    r1: float = 0.0  # R1 penalty weight on real inputs (0: off)
+    ema_decay: float = 0.99
+    seed: int = 0
+    toy_size: int = 16
+    toy_images: int = 20000
+    log_every: int = 25
+    sample_every: int = 0  # 0: only at the end
+    ckpt_every: int = 200
+    resume: str = ""  # a state.safetensors path, or "auto": <out>/state.safetensors if it exists
+    device: str = "auto"
+    bf16: bool = False  # bf16 autocast (CUDA) and a bf16 teacher
+    grad_ckpt: bool = False  # gradient checkpointing in student and discriminator
+    compile: bool = False  # torch.compile the teacher and student U-Nets
+
+
+PRESETS = {
+    # CPU, minutes: the embedded demo (README). A 16×16 world needs its own γ: see README, "γ for 16×16".
+    "toy": Config(),
+    # One GPU, DDPM-CIFAR10 teacher (google/ddpm-cifar10-32 downloaded to a folder, or train.py --preset cifar10).
+    # Unconditional: no CFG, the discriminator sees no condition. Linear β: ε̂ errors at t = 999 are amplified
+    # 157× in x̂_0, so noise correction matters most here.
+    "cifar10": Config(teacher="google/ddpm-cifar10-32", data="cifar10:data/cifar10", out="runs/cifar10/student",
+                      steps=20000, global_batch=128, micro_batch=128, lr=1e-5, cfg_scale=1.0, lambda_adv=0.1,
+                      ema_decay=0.999, toy_images=0, log_every=100, sample_every=1000, ckpt_every=1000, bf16=True),
+    # SD-1.5 on 8 GPUs (README, "Text-to-image"): latent 4×64×64, CFG 7.5 for the target, paper's γ and k.
+    "t2i": Config(teacher="runwayml/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/student",
+                  steps=15000, global_batch=256, micro_batch=8, lr=5e-6, lr_disc=1e-4, cfg_scale=7.5,
+                  lambda_adv=0.05, ema_decay=0.999, toy_images=0, log_every=50, sample_every=1000,
+                  ckpt_every=1000, bf16=True, grad_ckpt=True),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# the method, one function per piece
+# --------------------------------------------------------------------------------------------------
+def gamma_of(t: int, gamma: tuple) -> int:
+    """γ(t) from the preset's table: the first (threshold, γ) with t > threshold."""
+    for threshold, g in gamma:
+        if t > threshold:
+            return int(g)
+    raise ValueError(f"γ table {gamma} does not cover t = {t}")
+
+
+def draw_timestep(timesteps: tuple, seed: int, step: int) -> int:
+    """The training t for this iteration, uniform over the student's timesteps. The generator depends only
+    on (seed, step), so every DDP rank draws the same t (equal work per rank) and resume is exact."""
+    g = engine.rank_generator(seed, step, stream=7)
+    return int(timesteps[torch.randint(len(timesteps), (1,), generator=g).item()])
+
+
+@torch.no_grad()
+def backward_rollout(student, schedule: VPSchedule, x_T: torch.Tensor, cond, t: int, timesteps: tuple,
+                     noise_correction: bool) -> torch.Tensor:
+    # Eq. 7: x^Θ_{T→t} = stopgrad(f_Θ^{|T−t|}(x_T)): the student's own sampler (the very function used at
+    # inference, Eq. 9 included) through the inference timesteps above t. No data sample enters.
+    above = [s for s in timesteps if s > t]
+    return sample(eps_fn_for(student, cond), schedule, x_T, above, noise_correction=noise_correction, t_end=t)
+
+
+def forward_noising(schedule: VPSchedule, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    # Eq. 6 (ablation "w/o backward distillation"): x_t = q(x_0, ε, t) still carries α_t x_0 of a real image,
+    # a signal the student never sees at inference ("information leakage")
+    return schedule.q_sample(x0, eps, t)
+
+
+def student_x0(student, schedule: VPSchedule, x_t: torch.Tensor, t: int, cond) -> torch.Tensor:
+    # Eq. 5 with the student's ε̂, with gradient: x̂_0^Θ = (x_t − σ_t ε̂_Θ(x_t, t, c)) / α_t
+    t_vec = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    return schedule.x0_from_eps(x_t, student(x_t, t_vec, cond), t)
+
+
+@torch.no_grad()
+def teacher_x0(teacher, schedule: VPSchedule, x_start: torch.Tensor, t_start: int, k: int, cond, null_cond,
+               cfg_scale: float) -> torch.Tensor:
+    """x̂_0(f_Φ^k(x_start), ε̂_Φ, t_start/k): k time-uniform DDIM steps of the CFG-guided teacher from t_start,
+    the last one returning x̂_0 (the target of Eq. 6, 7 and 8)."""
+    return sample(eps_fn_for(teacher, cond, null_cond, cfg_scale), schedule, x_start, uniform(t_start, k))
+
+
+@torch.no_grad()
+def plain_target(teacher, schedule, x_t, t, k, cond, null_cond, cfg_scale) -> torch.Tensor:
+    # Eq. 7's target: the teacher starts from x^Θ_{T→t} itself
+    return teacher_x0(teacher, schedule, x_t, t, k, cond, null_cond, cfg_scale)
+
+
+@torch.no_grad()
+def srl_target(teacher, schedule, x0_student, eps_prime, t, gamma, k, cond, null_cond, cfg_scale) -> torch.Tensor:
+    # Eq. 8, Shifted Reconstruction Loss: re-noise the student's own x̂_0 (detached: the target carries no graph)
+    # to the shifted time γ(t), χ = q(x̂_0^Θ, ε', γ(t)), and let the teacher reconstruct it in k steps.
+    # High t: the teacher keeps the student's layout and fixes semantics; low t: it sharpens detail.
+    g = gamma_of(t, gamma)
+    chi = schedule.q_sample(x0_student.detach(), eps_prime, g)
+    return teacher_x0(teacher, schedule, chi, g, k, cond, null_cond, cfg_scale)
+
+
+def reconstruction_loss(x0_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # ‖target − x̂_0^Θ‖², mean over pixels: one value per sample (B,)
+    return (target - x0_hat).pow(2).flatten(1).mean(1)
+
+
+def snr_matched_gamma(gamma: tuple, factor: float, schedule: VPSchedule) -> tuple:
+    """Translate a γ table to another resolution by matching signal-to-noise ratio: γ' has SNR(γ') =
+    factor · SNR(γ). For a world with fewer pixels per object, noise at a given SNR destroys more, so
+    factor > 1 (e.g. (768 px latent 96 / 16)² = 36 from Emu to a 16×16 toy)."""
+    snr = schedule.snr(torch.arange(schedule.T))
+    out = []
+    for threshold, g in gamma:
+        target = factor * schedule.snr(g).item()
+        out.append((threshold, int((snr - target).abs().argmin())))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# data: conditions (always) and real images (for the discriminator and Eq. 6)
+# --------------------------------------------------------------------------------------------------
+class Source:
+    """Index → (images in [−1, 1] or None, prompts). Prompts are a LongTensor of labels (toy), a list of
+    strings (captions) or None (unconditional)."""
+
+    def __init__(self, spec: str, cfg: Config):
+        import data
+        self.images, self.prompts, self.captions = None, None, None
+        if spec == "toy":
+            self.images, self.prompts = data.make_toy(cfg.toy_images, seed=cfg.seed, size=cfg.toy_size)
+            self.n = len(self.images)
+        elif spec.startswith("cifar10"):
+            self.dataset = data.cifar10(spec.partition(":")[2] or "data/cifar10", train=True, download=False)
+            self.n = len(self.dataset)
+        elif os.path.isfile(spec):  # a prompts list: conditions only, no real images
+            self.captions = data.read_prompts(spec)
+            self.n = len(self.captions)
+        else:
+            self.dataset = data.CaptionFolder(spec)
+            self.n = len(self.dataset)
+        self.spec = spec
+
+    @property
+    def has_images(self) -> bool:
+        return self.captions is None
+
+    def get(self, idx: torch.Tensor):
+        if self.images is not None:
+            return self.images[idx], self.prompts[idx]
+        if self.captions is not None:
+            return None, [self.captions[i] for i in idx.tolist()]
+        items = [self.dataset[i] for i in idx.tolist()]
+        images = torch.stack([x for x, _ in items])
+        if self.spec.startswith("cifar10"):
+            return images, None  # the DDPM-CIFAR10 teacher is unconditional
+        return images, [p for _, p in items]
+
+
+def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> dict:
+    """All the randomness of one iteration for the GLOBAL batch, from a generator that depends only on
+    (seed, step). Each rank and micro-batch takes its slice, so 2 processes × b see exactly what
+    1 process × 2b sees, and a resumed run continues exactly."""
+    g = engine.rank_generator(cfg.seed, step)
+    n = cfg.global_batch
+    return {
+        "idx": torch.randint(n_data, (n,), generator=g),
+        "x_T": torch.randn(n, *latent_shape, generator=g),  # the rollout's starting noise
+        "eps": torch.randn(n, *latent_shape, generator=g),  # ε of Eq. 6 (forward noising ablation)
+        "eps_prime": torch.randn(n, *latent_shape, generator=g),  # ε' of Eq. 8 (SRL re-noising)
+        "s": torch.randint(0, max(cfg.disc_t_max, 1), (n,), generator=g),  # diffusion-GAN timestep
+        "eps_real": torch.randn(n, *latent_shape, generator=g),
+        "eps_fake": torch.randn(n, *latent_shape, generator=g),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# one training iteration
+# --------------------------------------------------------------------------------------------------
+def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, null_cond, x0_real, eps_prime,
+                   s, eps_real, eps_fake) -> tuple[dict, torch.Tensor]:
+    """Steps 3–5 for one micro-batch: ({term: (B,)}, x̂_0^Θ). The loop weights and reduces."""
+    x0_hat = student_x0(student, schedule, x_t, t, cond)  # step 3, with gradient
+    terms = {}
+    if cfg.recon == "srl":
+        target = srl_target(teacher, schedule, x0_hat, eps_prime, t, cfg.gamma, cfg.k, cond, null_cond, cfg.cfg_scale)
+        terms["recon"] = reconstruction_loss(x0_hat, target)
+    elif cfg.recon == "plain":
+        target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
+        terms["recon"] = reconstruction_loss(x0_hat, target)
+    if disc is not None:
+        terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond))
+    return terms, x0_hat
+
+
+def disc_logits(cfg: Config, disc, schedule, x0, s, eps, cond, decode=None) -> torch.Tensor:
+    """D on (noised, for the U-Net discriminator) inputs; the projected one sees pixels."""
+    if cfg.disc == "unet":
+        return disc(schedule.q_sample(x0, eps, s), s, cond)
+    return disc(decode(x0) if decode is not None else x0, None, cond)
+
+
+def disc_loss(cfg: Config, disc, schedule, x0_real, x0_fake, s, eps_real, eps_fake, cond, decode=None) -> dict:
+    """The discriminator's per-sample hinge loss (and R1) on real data vs DETACHED student samples."""
+    x0_fake = x0_fake.detach()  # the D step must not reach back into the student
+    if cfg.r1 > 0:
+        x0_real = x0_real.detach().requires_grad_(True)
+    if cfg.disc == "unet":
+        x_real, x_fake = noise_pair(schedule, x0_real, x0_fake, s, eps_real, eps_fake)
+        both = disc(torch.cat([x_real, x_fake]), torch.cat([s, s]), None if cond is None else torch.cat([cond, cond]))
+    else:
+        if decode is not None:
+            x0_real, x0_fake = decode(x0_real), decode(x0_fake)
+        both = disc(torch.cat([x0_real, x0_fake]), None, None if cond is None else torch.cat([cond, cond]))
+    logits_real, logits_fake = both.chunk(2)
+    terms = {"d": d_hinge_loss(logits_real, logits_fake)}
+    if cfg.r1 > 0:
+        terms["r1"] = cfg.r1 * r1_penalty(logits_real, x0_real)
+    return terms
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------
+class Distiller:
+    """Builds teacher, student, EMA, discriminator, optimizers and data from a Config, and steps them."""
+
+    def __init__(self, cfg: Config, dist: engine.Dist):
+        self.cfg, self.dist = cfg, dist
+        if cfg.recon not in ("srl", "plain", "none"):
+            raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
+        if cfg.disc not in ("unet", "projected", "none"):
+            raise ValueError(f"--disc must be unet, projected or none, got {cfg.disc!r}")
+        if cfg.recon == "none" and cfg.disc == "none":
+            raise ValueError("--recon none with --disc none leaves no loss to train on")
+        self.accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
+        device = dist.device
+
+        pipe = load_pipeline(cfg.teacher)
+        self.pipe, self.schedule = pipe, pipe.schedule
+        # the frozen teacher: eval, no grad, never wrapped in DDP; bf16 at scale
+        self.teacher = pipe.unet.to(device).eval().requires_grad_(False)
+        if pipe.encoder is not None:
+            pipe.encoder.to(device)
+        pipe.autoencoder.to(device)
+        # the student starts as an exact copy of the teacher (fp32 master weights)
+        self.student = copy.deepcopy(self.teacher).float().train().requires_grad_(True)
+        self.student.gradient_checkpointing = cfg.grad_ckpt
+        self.ema = copy.deepcopy(self.student).eval().requires_grad_(False)
+        if cfg.bf16 and device.type == "cuda":
+            self.teacher.to(torch.bfloat16)
+
+        self.source = Source(cfg.data, cfg)
+        if (cfg.disc != "none" or not cfg.backward) and not self.source.has_images:
+            raise ValueError(f"{cfg.data} has prompts only: the discriminator and --no-backward need real images "
+                             "(use --disc none, or an image–caption folder)")
+        self.latent_shape = pipe.latent_shape()
+
+        self.disc = None
+        if cfg.disc == "unet":
+            self.disc = UNetDiscriminator(self.teacher).float().to(device)
+            self.disc.encoder.gradient_checkpointing = cfg.grad_ckpt
+        elif cfg.disc == "projected":
+            cond_dim = pipe.encoder.dim if pipe.encoder is not None else None
+            self.disc = ProjectedDiscriminator.from_pretrained(cfg.disc_vit, cond_dim=cond_dim).to(device)
+
+        self.opt_g = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        self.opt_d = (torch.optim.Adam([p for p in self.disc.parameters() if p.requires_grad], lr=cfg.lr_disc,
+                                       betas=tuple(cfg.adam_betas)) if self.disc is not None else None)
+        # only the trainable networks are wrapped for gradient averaging across ranks
+        self.student_ddp = DDP(self.student) if dist.world > 1 else self.student
+        self.disc_ddp = DDP(self.disc) if (dist.world > 1 and self.disc is not None) else self.disc
+        self.teacher_fn = torch.compile(self.teacher) if cfg.compile else self.teacher
+        self.step = 0
+
+    # the modules and optimizers that make up a checkpoint
+    def state(self) -> tuple[dict, dict]:
+        modules = {"student": self.student, "ema": self.ema}
+        optimizers = {"opt_g": self.opt_g}
+        if self.disc is not None:
+            modules["disc"], optimizers["opt_d"] = self.disc, self.opt_d
+        return modules, optimizers
+
+    def micro_slices(self):
+        """(micro index, slice of the global batch) for this rank."""
+        b = self.cfg.micro_batch
+        for m in range(self.accum):
+            start = (m * self.dist.world + self.dist.rank) * b
+            yield m, slice(start, start + b)
+
+    def decode(self, z):
+        return self.pipe.autoencoder.decode(z)  # identity in pixel space
+
+    def train_step(self) -> dict:
+        cfg, device, step = self.cfg, self.dist.device, self.step
+        t = draw_timestep(cfg.timesteps, cfg.seed, step)  # step 1: same t on every rank
+        draws = draw_iteration(cfg, step, self.source.n, self.latent_shape)
+        logs, fakes = {}, []
+        decode = self.decode if cfg.disc == "projected" else None
+
+        # ---- student (generator) update ----------------------------------------------------------
+        if self.disc is not None:
+            self.disc.requires_grad_(False)  # the G step's gradient must not land in D
+        for m, sl in self.micro_slices():
+            d = {k: v[sl].to(device) for k, v in draws.items()}
+            images, prompts = self.source.get(d["idx"].cpu())
+            with torch.no_grad():
+                cond, null_cond = encode_prompts(self.pipe.encoder, prompts, device)
+                x0_real = self.pipe.autoencoder.encode(images.to(device)) if images is not None else None
+            with engine.autocast(self.dist, cfg.bf16):
+                if cfg.backward:  # step 2
+                    x_t = backward_rollout(engine.unwrap(self.student_ddp), self.schedule, d["x_T"], cond, t,
+                                           cfg.timesteps, cfg.noise_correction)
+                else:
+                    x_t = forward_noising(self.schedule, x0_real, d["eps"], t)
+                sync = m == self.accum - 1 or self.dist.world == 1
+                ctx = self.student_ddp.no_sync() if not sync else torch.enable_grad()
+                with ctx:
+                    terms, x0_hat = student_losses(cfg, self.student_ddp, self.teacher_fn, engine.unwrap(self.disc) if self.disc else None,
+                                                   self.schedule, x_t, t, cond, null_cond, x0_real, d["eps_prime"],
+                                                   d["s"], d["eps_real"], d["eps_fake"])
+                    loss = terms.get("recon", 0) + cfg.lambda_adv * terms.get("adv_g", 0)  # step 6
+                    (loss.mean() / self.accum).backward()
+            fakes.append((x0_hat.detach(), x0_real, d, cond))
+            for k, v in terms.items():
+                logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        engine.update_ema(self.ema, self.student, cfg.ema_decay)
+
+        # ---- discriminator update ---------------------------------------------------------------
+        if self.disc is not None:
+            self.disc.requires_grad_(True)
+            if cfg.disc == "projected":
+                self.disc.vit.requires_grad_(False)
+            for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
+                sync = m == self.accum - 1 or self.dist.world == 1
+                ctx = self.disc_ddp.no_sync() if not sync else torch.enable_grad()
+                with ctx, engine.autocast(self.dist, cfg.bf16):
+                    dterms = disc_loss(cfg, self.disc_ddp, self.schedule, x0_real, x0_fake, d["s"], d["eps_real"],
+                                       d["eps_fake"], cond, decode)
+                    (sum(v.mean() for v in dterms.values()) / self.accum).backward()
+                for k, v in dterms.items():
+                    logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum
+            self.opt_d.step()
+            self.opt_d.zero_grad(set_to_none=True)
+        self.step += 1
+        logs["t"] = t
+        return logs
+
+    @torch.no_grad()
+    def samples(self, n: int = 12) -> torch.Tensor:
+        """A fixed grid from the EMA student at its own timesteps: same seeds and prompts every time."""
+        g = torch.Generator().manual_seed(1234)
+        x_T = torch.randn(n, *self.latent_shape, generator=g).to(self.dist.device)
+        if self.source.prompts is not None:  # toy: one sample per class
+            prompts = torch.arange(n) % int(self.source.prompts.max() + 1)
+        elif self.pipe.encoder is not None:  # the first n captions of the data
+            prompts = self.source.get(torch.arange(n) % self.source.n)[1]
+        else:
+            prompts = None
+        cond, _ = encode_prompts(self.pipe.encoder, prompts, self.dist.device)
+        x = sample(eps_fn_for(self.ema, cond), self.schedule, x_T, list(self.cfg.timesteps),
+                   noise_correction=self.cfg.noise_correction)
+        return self.decode(x).clamp(-1, 1)
+
+
+def parse_args(argv=None) -> tuple[Config, str]:
+    p = argparse.ArgumentParser(description="Imagine Flash distillation (backward distillation, SRL, noise correction, "
+                                            "adversarial loss). Flags override the preset.")
+    p.add_argument("--preset", default="toy", help=f"one of {', '.join(PRESETS)} (default: toy)")
+    helps = {
+        "teacher": "teacher pipeline folder or hub id", "data": "toy | cifar10:<root> | caption folder | prompts .txt",
+        "out": "output folder (student/, state.safetensors, samples/, log.jsonl)", "steps": "training iterations",
+        "global_batch": "samples per iteration over all processes", "micro_batch": "samples per forward per process",
+        "lr": "student learning rate", "lr_disc": "discriminator learning rate", "adam_betas": "Adam betas",
+        "timesteps": "student inference timesteps (training t is drawn from them)",
+        "noise_correction": "Eq. 9 in the rollout", "recon": "srl | plain | none",
+        "backward": "backward rollout (off: forward-noised data, Eq. 6)", "k": "teacher steps in the target",
+        "cfg_scale": "teacher guidance scale in the target", "gamma": "γ table as threshold:gamma pairs, e.g. 900:990,500:950,-1:200",
+        "disc": "unet | projected | none", "disc_vit": "ViT folder/hub id for the projected discriminator",
+        "lambda_adv": "weight of the adversarial term", "disc_t_max": "max diffusion-GAN timestep",
+        "r1": "R1 penalty weight", "ema_decay": "EMA decay", "seed": "random seed", "toy_size": "toy image size",
+        "toy_images": "toy dataset size", "log_every": "log line every N steps", "sample_every": "sample grid every N steps (0: end)",
+        "ckpt_every": "checkpoint every N steps", "resume": "checkpoint to resume, or 'auto'",
+        "device": "auto | cpu | cuda", "bf16": "bf16 autocast on CUDA", "grad_ckpt": "gradient checkpointing",
+        "compile": "torch.compile the U-Nets",
+    }
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
+        else:
+            p.add_argument(flag, dest=f.name, default=None, help=helps[f.name])
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[args.preset])
+    for f in dataclasses.fields(Config):
+        v = getattr(args, f.name)
+        if v is None:
+            continue
+        try:
+            if f.name == "gamma":
+                v = tuple(tuple(int(x) for x in pair.split(":")) for pair in v.split(","))
+            elif f.name in ("timesteps",):
+                v = tuple(int(x) for x in v.split(","))
+            elif f.name == "adam_betas":
+                v = tuple(float(x) for x in v.split(","))
+            elif f.type in (int, "int"):
+                v = int(v)
+            elif f.type in (float, "float"):
+                v = float(v)
+        except ValueError:
+            p.error(f"bad value for --{f.name.replace('_', '-')}: {v!r}")
+        setattr(cfg, f.name, v)
+    return cfg, args.preset
+
+
+def main(argv=None) -> None:
+    cfg, preset = parse_args(argv)
+    dist = engine.setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed * 1000 + dist.rank)
+    try:
+        run(cfg, preset, dist)
+    except (FileNotFoundError, ValueError) as e:
+        engine.print0(f"error: {str(e).splitlines()[0]}")
+        engine.cleanup_distributed()
+        sys.exit(2)
+    engine.cleanup_distributed()
+
+
+def run(cfg: Config, preset: str, dist: engine.Dist) -> "Distiller":
+    from tqdm.auto import tqdm
+    distiller = Distiller(cfg, dist)
+    state_path = os.path.join(cfg.out, "state.safetensors")
+    resume = state_path if cfg.resume == "auto" and os.path.isfile(state_path) else (cfg.resume if cfg.resume != "auto" else "")
+    if resume:
+        meta = engine.load_state(resume, *distiller.state())
+        distiller.step = meta["step"]
+        engine.print0(f"resumed from {resume} at step {distiller.step}")
+    if dist.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
+    engine.print0(f"distill: preset {preset}, {dist.world} process(es), accumulation {distiller.accum}, "
+                  f"student {sum(p.numel() for p in distiller.student.parameters()) / 1e6:.2f}M params, "
+                  f"disc {cfg.disc}, recon {cfg.recon}, backward {cfg.backward}, γ {cfg.gamma}")
+    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps)
+    bar = tqdm(total=cfg.steps, initial=distiller.step, desc="distill", disable=not dist.main, leave=False)
+    while distiller.step < cfg.steps:
+        logs = distiller.train_step()
+        logs.pop("t")
+        logger.add(**logs)
+        bar.update(1)
+        logger.maybe_print(distiller.step, dist.device)
+        s = distiller.step
+        if cfg.ckpt_every and (s % cfg.ckpt_every == 0 or s == cfg.steps):
+            if dist.main:
+                engine.save_state(state_path, s, *distiller.state(), extra={"preset": preset, **dataclasses.asdict(cfg)})
+            engine.barrier()
+        if dist.main and ((cfg.sample_every and s % cfg.sample_every == 0) or s == cfg.steps):
+            save_grid(distiller.samples(), os.path.join(cfg.out, "samples", f"step_{s:06d}.png"))
+    bar.close()
+    if dist.main:
+        save_pipeline(os.path.join(cfg.out, "student"), distiller.ema, distiller.schedule, distiller.pipe.encoder,
+                      base=distiller.pipe.path)
+        engine.print0(f"student (EMA) written to {os.path.join(cfg.out, 'student')}")
+    engine.barrier()
+    return distiller
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 12) -> None:
+    from torchvision.utils import save_image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""
+A teacher or a student on disk: a diffusers-style folder that holds everything needed to sample.
+
+    folder/
+      unet/          config.json + diffusion_pytorch_model.safetensors   (unet.py; or at the top level, as
+                     google/ddpm-cifar10-32 ships it)
+      scheduler/     scheduler_config.json                                (schedule.py)
+      vae/           optional: latent space (autoencoder.py); absent = pixel space
+      text_encoder/, tokenizer/   a transformers text encoder (SD-1.5: CLIP ViT-L/14)   or
+      conditioning.json           the toy preset's label encoder                          or neither: unconditional
+      pipeline.json  optional: {"base": other folder} to take vae/ and the text encoder from (a student exported
+                     from an SD-1.5 teacher points back at the teacher instead of copying 600 MB)
+
+train.py writes a teacher in this layout, distill.py a student; evaluate.py reads both.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from autoencoder import Identity, load_autoencoder
+from conditioning import LabelEncoder, TextEncoder, load_conditioning
+from schedule import VPSchedule
+from unet import UNet
+
+
+@dataclass
+class Pipeline:
+    unet: UNet
+    schedule: VPSchedule
+    encoder: nn.Module | None  # prompts → (B, L, D) token embeddings, or None (unconditional)
+    autoencoder: nn.Module  # Identity in pixel space
+    path: str = ""
+
+    def to(self, device, dtype=None) -> "Pipeline":
+        self.unet.to(device)
+        for m in (self.encoder, self.autoencoder):
+            if m is not None:
+                m.to(device)
+        if dtype is not None:  # frozen parts may run in bf16 at scale; the U-Net's dtype is the caller's choice
+            self.autoencoder.to(dtype)
+        return self
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config["sample_size"]
+        return (self.unet.config["in_channels"], size, size)
+
+
+def resolve(path: str) -> str:
+    """A local folder, or a hub id downloaded with huggingface_hub (not possible offline: one clear line)."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path} is a file; expected a pipeline folder (unet/, scheduler/, …)")
+    if path.count("/") != 1 or path.startswith((".", "/")):
+        raise FileNotFoundError(f"no such folder: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                                 ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"])
+    except Exception as e:  # offline, unknown repo, …
+        raise FileNotFoundError(f"{path} is not a local folder and could not be downloaded from the hub: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _base(path: str) -> str:
+    meta = os.path.join(path, "pipeline.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            base = json.load(f).get("base")
+        if base:
+            return resolve(base)
+    return path
+
+
+def load_encoder(path: str) -> nn.Module | None:
+    base = _base(path)
+    for folder in (path, base):
+        if os.path.isfile(os.path.join(folder, "conditioning.json")):
+            with open(os.path.join(folder, "conditioning.json")) as f:
+                return load_conditioning(json.load(f))
+        if os.path.isdir(os.path.join(folder, "text_encoder")) or os.path.isdir(os.path.join(folder, "tokenizer")):
+            return TextEncoder.from_pretrained(folder)  # names the missing half in one line if only one exists
+    return None
+
+
+def load_pipeline(path: str, need_vae: bool | None = None) -> Pipeline:
+    """Load unet, schedule, encoder and autoencoder from a pipeline folder (or hub id).
+
+    need_vae=True: fail with one line when there is no vae/ (a latent-space teacher needs it)."""
+    path = resolve(path)
+    unet_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
+    unet = UNet.from_pretrained(unet_dir)
+    schedule = VPSchedule.from_pretrained(path)
+    base = _base(path)
+    vae_dir = next((d for d in (path, base) if os.path.isdir(os.path.join(d, "vae"))), None)
+    if vae_dir is not None:
+        autoencoder = load_autoencoder("vae", folder=vae_dir)
+    elif need_vae or unet.config["in_channels"] == 4:
+        raise FileNotFoundError(f"no vae/ in {path}: a latent-space teacher needs its autoencoder")
+    else:
+        autoencoder = Identity(unet.config["in_channels"])
+    encoder = load_encoder(path)
+    if unet.is_conditional and encoder is None:
+        raise FileNotFoundError(f"{path} has a conditional U-Net but no text_encoder/+tokenizer/ or conditioning.json")
+    return Pipeline(unet, schedule, encoder, autoencoder.eval().requires_grad_(False), path)
+
+
+def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Module | None, base: str | None = None) -> None:
+    """Write unet/ and scheduler/ (+ conditioning.json for a label encoder, or pipeline.json → base for
+    the VAE and text encoder of a real teacher). The U-Net is saved in diffusers' layout, so the result
+    also loads with diffusers' UNet2DConditionModel / UNet2DModel.from_pretrained(path, subfolder="unet")."""
+    os.makedirs(path, exist_ok=True)
+    unet.save_pretrained(os.path.join(path, "unet"))
+    schedule.save_pretrained(os.path.join(path, "scheduler"))
+    if isinstance(encoder, LabelEncoder):
+        with open(os.path.join(path, "conditioning.json"), "w") as f:
+            json.dump(encoder.config(), f, indent=2)
+    if base is not None and os.path.abspath(base) != os.path.abspath(path):
+        with open(os.path.join(path, "pipeline.json"), "w") as f:
+            json.dump({"base": os.path.abspath(base) if os.path.isdir(base) else base}, f, indent=2)
+
+
+def encode_prompts(encoder: nn.Module | None, prompts, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(c, c_∅): token embeddings of the prompts and of the null prompt, or (None, None) when unconditional."""
+    if encoder is None:
+        return None, None
+    if torch.is_tensor(prompts):
+        prompts = prompts.to(device)
+    c = encoder(prompts)
+    return c, encoder.null(c.shape[0]).to(c.dtype)

@@ -23,14 +23,17 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import engine
 from discriminator import (ProjectedDiscriminator, UNetDiscriminator, d_hinge_loss, g_hinge_loss, noise_pair,
                            r1_penalty)
+from data import Source
 from pipeline import encode_prompts, load_pipeline, save_pipeline
 from sampler import eps_fn_for, sample, uniform
 from schedule import VPSchedule
@@ -177,43 +180,6 @@ def snr_matched_gamma(gamma: tuple, factor: float, schedule: VPSchedule) -> tupl
 # --------------------------------------------------------------------------------------------------
 # data: conditions (always) and real images (for the discriminator and Eq. 6)
 # --------------------------------------------------------------------------------------------------
-class Source:
-    """Index → (images in [−1, 1] or None, prompts). Prompts are a LongTensor of labels (toy), a list of
-    strings (captions) or None (unconditional)."""
-
-    def __init__(self, spec: str, cfg: Config):
-        import data
-        self.images, self.prompts, self.captions = None, None, None
-        if spec == "toy":
-            self.images, self.prompts = data.make_toy(cfg.toy_images, seed=cfg.seed, size=cfg.toy_size)
-            self.n = len(self.images)
-        elif spec.startswith("cifar10"):
-            self.dataset = data.cifar10(spec.partition(":")[2] or "data/cifar10", train=True, download=False)
-            self.n = len(self.dataset)
-        elif os.path.isfile(spec):  # a prompts list: conditions only, no real images
-            self.captions = data.read_prompts(spec)
-            self.n = len(self.captions)
-        else:
-            self.dataset = data.CaptionFolder(spec)
-            self.n = len(self.dataset)
-        self.spec = spec
-
-    @property
-    def has_images(self) -> bool:
-        return self.captions is None
-
-    def get(self, idx: torch.Tensor):
-        if self.images is not None:
-            return self.images[idx], self.prompts[idx]
-        if self.captions is not None:
-            return None, [self.captions[i] for i in idx.tolist()]
-        items = [self.dataset[i] for i in idx.tolist()]
-        images = torch.stack([x for x, _ in items])
-        if self.spec.startswith("cifar10"):
-            return images, None  # the DDPM-CIFAR10 teacher is unconditional
-        return images, [p for _, p in items]
-
-
 def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> dict:
     """All the randomness of one iteration for the GLOBAL batch, from a generator that depends only on
     (seed, step). Each rank and micro-batch takes its slice, so 2 processes × b see exactly what
@@ -235,7 +201,7 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> 
 # one training iteration
 # --------------------------------------------------------------------------------------------------
 def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, null_cond, x0_real, eps_prime,
-                   s, eps_real, eps_fake) -> tuple[dict, torch.Tensor]:
+                   s, eps_real, eps_fake, decode=None) -> tuple[dict, torch.Tensor]:
     """Steps 3–5 for one micro-batch: ({term: (B,)}, x̂_0^Θ). The loop weights and reduces."""
     x0_hat = student_x0(student, schedule, x_t, t, cond)  # step 3, with gradient
     terms = {}
@@ -246,7 +212,7 @@ def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, 
         target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
         terms["recon"] = reconstruction_loss(x0_hat, target)
     if disc is not None:
-        terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond))
+        terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond, decode))
     return terms, x0_hat
 
 
@@ -262,17 +228,19 @@ def disc_loss(cfg: Config, disc, schedule, x0_real, x0_fake, s, eps_real, eps_fa
     x0_fake = x0_fake.detach()  # the D step must not reach back into the student
     if cfg.r1 > 0:
         x0_real = x0_real.detach().requires_grad_(True)
-    if cfg.disc == "unet":
-        x_real, x_fake = noise_pair(schedule, x0_real, x0_fake, s, eps_real, eps_fake)
-        both = disc(torch.cat([x_real, x_fake]), torch.cat([s, s]), None if cond is None else torch.cat([cond, cond]))
-    else:
-        if decode is not None:
-            x0_real, x0_fake = decode(x0_real), decode(x0_fake)
-        both = disc(torch.cat([x0_real, x0_fake]), None, None if cond is None else torch.cat([cond, cond]))
-    logits_real, logits_fake = both.chunk(2)
-    terms = {"d": d_hinge_loss(logits_real, logits_fake)}
-    if cfg.r1 > 0:
-        terms["r1"] = cfg.r1 * r1_penalty(logits_real, x0_real)
+    # R1 backpropagates through ∇_x D (create_graph): only the math attention kernel has that double backward
+    with sdpa_kernel(SDPBackend.MATH) if cfg.r1 > 0 else nullcontext():
+        if cfg.disc == "unet":
+            x_real, x_fake = noise_pair(schedule, x0_real, x0_fake, s, eps_real, eps_fake)
+            both = disc(torch.cat([x_real, x_fake]), torch.cat([s, s]), None if cond is None else torch.cat([cond, cond]))
+        else:
+            if decode is not None:
+                x0_real, x0_fake = decode(x0_real), decode(x0_fake)
+            both = disc(torch.cat([x0_real, x0_fake]), None, None if cond is None else torch.cat([cond, cond]))
+        logits_real, logits_fake = both.chunk(2)
+        terms = {"d": d_hinge_loss(logits_real, logits_fake)}
+        if cfg.r1 > 0:
+            terms["r1"] = cfg.r1 * r1_penalty(logits_real, x0_real)
     return terms
 
 
@@ -307,11 +275,12 @@ class Distiller:
         if cfg.bf16 and device.type == "cuda":
             self.teacher.to(torch.bfloat16)
 
-        self.source = Source(cfg.data, cfg)
+        self.latent_shape = pipe.latent_shape()
+        image_size = self.latent_shape[-1] * pipe.autoencoder.downscale  # the teacher's pixel resolution
+        self.source = Source(cfg.data, toy_images=cfg.toy_images, toy_size=cfg.toy_size, seed=cfg.seed, size=image_size)
         if (cfg.disc != "none" or not cfg.backward) and not self.source.has_images:
             raise ValueError(f"{cfg.data} has prompts only: the discriminator and --no-backward need real images "
                              "(use --disc none, or an image–caption folder)")
-        self.latent_shape = pipe.latent_shape()
 
         self.disc = None
         if cfg.disc == "unet":
@@ -375,7 +344,7 @@ class Distiller:
                 with ctx:
                     terms, x0_hat = student_losses(cfg, self.student_ddp, self.teacher_fn, engine.unwrap(self.disc) if self.disc else None,
                                                    self.schedule, x_t, t, cond, null_cond, x0_real, d["eps_prime"],
-                                                   d["s"], d["eps_real"], d["eps_fake"])
+                                                   d["s"], d["eps_real"], d["eps_fake"], decode)
                     loss = terms.get("recon", 0) + cfg.lambda_adv * terms.get("adv_g", 0)  # step 6
                     (loss.mean() / self.accum).backward()
             fakes.append((x0_hat.detach(), x0_real, d, cond))
@@ -449,6 +418,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
         else:
             p.add_argument(flag, dest=f.name, default=None, help=helps[f.name])
+    p.add_argument("--no-disc", dest="disc", action="store_const", const="none", help="same as --disc none")
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")

@@ -1,0 +1,250 @@
+"""Datasets: the generated toy set, CIFAR-10, an image-caption folder, and prompt lists.
+
+- `make_toy` / `ToyDataset`: the offline dataset of the CPU demo. 12 classes (4 shapes x 3 colours)
+  drawn in memory from a seed: no files, no downloads, 50k 16x16 images in about a second.
+  The class is given to the denoiser as one conditioning token, so a distilled student can be
+  scored by whether its samples show the shape and colour that were asked for (metrics.py).
+- `cifar10`: torchvision's CIFAR-10 in [-1, 1] (the DDPM-CIFAR10 teacher's data range).
+- `CaptionFolder`: an image-caption folder (`cat.jpg` + `cat.txt`) for the text-to-image preset.
+- `read_prompts`: one prompt per line, for evaluation and for the prompt-only backward distillation
+  loss (Eq. 7 needs noise and conditions, no images).
+
+Every image tensor here is float32 (3, H, W) in [-1, 1].
+"""
+import math
+import os
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+# ----------------------------------------------------------------------------------------------
+# The toy dataset
+
+TOY_SHAPES = ["circle", "square", "triangle", "plus"]
+TOY_COLOURS = ["red", "green", "blue"]
+# label = shape_index * 3 + colour_index, e.g. 0 = "red circle", 4 = "green square"
+TOY_CLASSES = [f"{colour} {shape}" for shape in TOY_SHAPES for colour in TOY_COLOURS]
+# base RGB in [0, 1]: saturated and far apart in hue, so colour is unambiguous after jitter
+_RGB = torch.tensor([[0.90, 0.15, 0.12], [0.15, 0.80, 0.20], [0.20, 0.35, 0.95]])
+
+
+def _shape_sdf(dx, dy, r, shape):
+    """Signed distance (pixels, < 0 inside) of each shape of 'radius' r centred at the origin.
+
+    dx, dy: (N, S, S) offsets of pixel centres from the shape's centre; r, shape: (N, 1, 1).
+    All four are computed for every image and the right one is picked: simpler than grouping the
+    batch by shape, and cheap at this size. Exact distances are not needed, only a sensible
+    ramp across the edge for anti-aliasing.
+    """
+    circle = torch.sqrt(dx**2 + dy**2) - r
+    square = torch.maximum(dx.abs(), dy.abs()) - 0.8 * r           # half side 0.8 r
+    # triangle, apex up: intersection of a base line and two slanted sides (unit normals)
+    base = dy - 0.7 * r
+    side = (2 * dx.abs() - (dy + r)) / math.sqrt(5.0)              # |x| = (y + r) / 2 on the edge
+    triangle = torch.maximum(base, side)
+    # plus: union (min) of a horizontal and a vertical bar, arm half-width r / 3
+    bar_h = torch.maximum(dx.abs() - r, dy.abs() - r / 3)
+    bar_v = torch.maximum(dx.abs() - r / 3, dy.abs() - r)
+    plus = torch.minimum(bar_h, bar_v)
+    sdfs = torch.stack([circle, square, triangle, plus])           # (4, N, S, S)
+    return sdfs.gather(0, shape.expand(-1, *dx.shape[1:])[None]).squeeze(0)
+
+
+def make_toy(n: int, seed: int = 0, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate n toy images (n, 3, size, size) in [-1, 1] and their labels (n,), from `seed`.
+
+    Each image: a background (grey level, a linear gradient and pixel noise), then one shape of
+    jittered size, position and colour, anti-aliased over one pixel. Classes are exactly balanced
+    (a shuffled arange % 12), so small evaluation sets still cover every class.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731  uniform [0, 1)
+    labels = torch.randperm(n, generator=g) % len(TOY_CLASSES)
+    shape, colour = labels // len(TOY_COLOURS), labels % len(TOY_COLOURS)
+
+    # geometry, in pixels; radius 0.2-0.34 of the image so shapes fill a good part of it
+    r = size * (0.2 + 0.14 * rand(n, 1, 1))
+    cx = r + (size - 2 * r) * rand(n, 1, 1)  # keep the whole shape inside the image
+    cy = r + (size - 2 * r) * rand(n, 1, 1)
+    coords = torch.arange(size, dtype=torch.float32) + 0.5  # pixel centres
+    dx = coords[None, None, :] - cx  # (n, 1, S)
+    dy = coords[None, :, None] - cy  # (n, S, 1)
+    dx, dy = torch.broadcast_tensors(dx, dy)  # (n, S, S)
+    sdf = _shape_sdf(dx, dy, r, shape[:, None, None])
+    alpha = (0.5 - sdf).clamp(0, 1)[:, None]  # (n, 1, S, S) coverage: 1 inside, 0 out, ramp at edge
+
+    # background: dark-to-mid grey + a gradient in a random direction + mild noise, all grey
+    # (equal in R, G, B) so that only the shape carries colour
+    level = 0.15 + 0.3 * rand(n, 1, 1, 1)
+    angle = 2 * math.pi * rand(n, 1, 1, 1)
+    ramp = (torch.cos(angle) * dx[:, None] + torch.sin(angle) * dy[:, None]) / size
+    background = level + 0.15 * (rand(n, 1, 1, 1) - 0.5) * 2 * ramp
+    background = background + 0.03 * torch.randn(n, 1, size, size, generator=g)
+
+    # foreground: the class colour, slightly jittered per channel and in brightness
+    fg = _RGB[colour] + 0.08 * (rand(n, 3) - 0.5) * 2  # (n, 3)
+    fg = fg * (0.85 + 0.2 * rand(n, 1))
+    fg = fg[:, :, None, None]
+
+    image = alpha * fg + (1 - alpha) * background  # (n, 3, S, S) in about [0, 1]
+    return (image.clamp(0, 1) * 2 - 1).float(), labels
+
+
+class ToyDataset(Dataset):
+    """`make_toy` as a Dataset: everything generated once, in memory. Items are (image, label)."""
+
+    def __init__(self, n: int, seed: int = 0, size: int = 16):
+        self.images, self.labels = make_toy(n, seed, size)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def cifar10(root: str, train: bool = True, download: bool = False) -> Dataset:
+    """torchvision CIFAR-10: items (image (3, 32, 32) in [-1, 1], label); horizontal flips when training."""
+    import torchvision.transforms as T
+    from torchvision.datasets import CIFAR10
+
+    steps = [T.RandomHorizontalFlip()] if train else []
+    transform = T.Compose(steps + [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    try:
+        return CIFAR10(root, train=train, transform=transform, download=download)
+    except RuntimeError:  # torchvision's multi-line "Dataset not found or corrupted..."
+        raise FileNotFoundError(f"CIFAR-10 not found (or corrupt) in {root!r}; pass download=True to fetch it") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# An image-caption folder
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _to_tensor(image):
+    """PIL RGB image -> float32 (3, H, W) in [-1, 1]."""
+    import torchvision.transforms.functional as TF
+
+    return TF.pil_to_tensor(image).float().div(127.5).sub(1)
+
+
+class CaptionFolder(Dataset):
+    """Images with captions: every `name.png|jpg|jpeg|webp` (searched recursively) has a `name.txt`.
+
+    Items are (image (3, size, size) in [-1, 1], caption str). Images are resized (shorter side to
+    `size`, bicubic with antialias) and center-cropped. With size=None images are used as they are,
+    and must then all have one size so that they batch.
+
+    Captions are checked when the folder is opened; images are decoded lazily in __getitem__ (an
+    unreadable one raises there, naming the file), so opening a folder of a million images is quick.
+    With size=None the image headers are read up front to check the sizes.
+    """
+
+    def __init__(self, root: str, size: int | None = 512, captions: bool = True):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"caption folder {root!r} does not exist")
+        self.root, self.size, self.captions = root, size, captions  # captions=False: plain images ("" captions)
+        self.paths = sorted(
+            os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not self.paths:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in caption folder {root!r}")
+        for path in self.paths if captions else []:
+            if not os.path.isfile(os.path.splitext(path)[0] + ".txt"):
+                raise FileNotFoundError(f"image {path!r} has no caption file {os.path.splitext(path)[0] + '.txt'!r}")
+        if size is None:
+            first = self._open(self.paths[0]).size
+            for path in self.paths[1:]:
+                if (other := self._open(path).size) != first:
+                    raise ValueError(
+                        f"images differ in size ({self.paths[0]!r} is {first[0]}x{first[1]}, {path!r} is "
+                        f"{other[0]}x{other[1]}); pass a size to resize and crop them"
+                    )
+
+    @staticmethod
+    def _open(path):
+        try:
+            return Image.open(path)  # reads the header only; pixels are decoded on first use
+        except Exception as e:
+            raise ValueError(f"cannot read image {path!r}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import torchvision.transforms.functional as TF
+
+        path = self.paths[i]
+        image = self._open(path)
+        try:
+            image = image.convert("RGB")
+        except Exception as e:  # truncated or corrupt data surfaces on decode
+            raise ValueError(f"cannot read image {path!r}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+        if self.size is not None:
+            image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            image = TF.center_crop(image, self.size)
+        caption = ""
+        if self.captions:
+            with open(os.path.splitext(path)[0] + ".txt", encoding="utf-8") as f:
+                caption = f.read().strip()
+        return _to_tensor(image), caption
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt lists
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file: one per line; blank lines and lines starting with '#' are skipped."""
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"no prompts in {path!r} (only blank lines or # comments)")
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------------
+# one interface over all of the above, for train.py and distill.py
+# --------------------------------------------------------------------------------------------------
+class Source:
+    """Index → (images in [−1, 1] or None, prompts). Prompts are a LongTensor of labels (toy), a list of
+    strings (captions) or None (unconditional)."""
+
+    def __init__(self, spec: str, toy_images: int = 20000, toy_size: int = 16, seed: int = 0, size: int | None = 512):
+        self.images, self.prompts, self.captions = None, None, None
+        if spec == "toy":
+            self.images, self.prompts = make_toy(toy_images, seed=seed, size=toy_size)
+            self.n = len(self.images)
+        elif spec.startswith("cifar10"):
+            self.dataset = cifar10(spec.partition(":")[2] or "data/cifar10", train=True, download=False)
+            self.n = len(self.dataset)
+        elif os.path.isfile(spec):  # a prompts list: conditions only, no real images
+            self.captions = read_prompts(spec)
+            self.n = len(self.captions)
+        else:
+            self.dataset = CaptionFolder(spec, size=size)
+            self.n = len(self.dataset)
+        self.spec = spec
+
+    @property
+    def has_images(self) -> bool:
+        return self.captions is None
+
+    def get(self, idx: torch.Tensor):
+        if self.images is not None:
+            return self.images[idx], self.prompts[idx]
+        if self.captions is not None:
+            return None, [self.captions[i] for i in idx.tolist()]
+        items = [self.dataset[i] for i in idx.tolist()]
+        images = torch.stack([x for x, _ in items])
+        if self.spec.startswith("cifar10"):
+            return images, None  # the DDPM-CIFAR10 teacher is unconditional
+        return images, [p for _, p in items]

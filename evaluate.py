@@ -1,0 +1,290 @@
+"""
+Evaluate a teacher and its distilled student side by side: one grid picture and one table.
+
+Rows (methods), all from the same noise and the same prompts:
+  teacher DPM++ 25 steps (CFG)     the paper's teacher baseline
+  teacher DDIM 3 steps (CFG)       what the teacher does with the student's budget
+  student 1 / 2 / 3 steps          Imagine Flash, no CFG, noise correction on (Eq. 9)
+  student 2 / 3 steps w/o NC       the same student without noise correction
+Columns of the table: NFE (a CFG step counts 2), seconds per image, and quality:
+  toy data:  FD in the features of a small classifier trained on the toy data (NOT Inception FID;
+             labelled "toy FD"), that classifier's accuracy on the prompted label (prompt adherence)
+  --inception WEIGHTS: FID with Inception-v3 pool3 features against --reference images
+  --clip MODEL:        CLIP score (text-to-image)
+  always:    mean colour saturation and contrast (noise correction shows there)
+
+  python evaluate.py --teacher runs/toy/teacher --student runs/toy/student --out runs/toy/eval
+  python evaluate.py --ablation --teacher runs/toy/teacher --out runs/toy/ablation   (Table 3 at toy scale)
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline import encode_prompts, load_pipeline
+from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_timesteps, trailing
+
+
+def methods(cfg_scale: float, student_ts: dict) -> list[dict]:
+    """The rows: who samples, with which sampler, timesteps, guidance and noise correction."""
+    rows = [dict(name="teacher DPM++ 25 steps", model="teacher", solver="dpm++", timesteps=linspace(25), cfg=cfg_scale),
+            dict(name="teacher DDIM 3 steps", model="teacher", solver="ddim", timesteps=trailing(3), cfg=cfg_scale)]
+    for n in (1, 2, 3):
+        rows.append(dict(name=f"student {n} step{'s' if n > 1 else ''}", model="student", solver="ddim",
+                         timesteps=student_ts[n], cfg=1.0, nc=True))
+    for n in (2, 3):
+        rows.append(dict(name=f"student {n} steps w/o NC", model="student", solver="ddim", timesteps=student_ts[n],
+                         cfg=1.0, nc=False))
+    return rows
+
+
+@torch.no_grad()
+def generate(pipe, row: dict, x_T: torch.Tensor, prompts, batch_size: int, device) -> tuple[torch.Tensor, float]:
+    """Images in [−1, 1] for all of x_T (N, C, H, W) with `prompts`, and seconds per image."""
+    out, seconds = [], 0.0
+    for i in range(0, len(x_T), batch_size):
+        p = prompts[i:i + batch_size] if prompts is not None else None
+        cond, null = encode_prompts(pipe.encoder, p, device)
+        fn = eps_fn_for(pipe.unet, cond, null if row["cfg"] != 1.0 else None, row["cfg"])
+        x = x_T[i:i + batch_size].to(device)
+        t0 = time.perf_counter()
+        if row["solver"] == "dpm++":
+            x0 = sample_dpmpp(fn, pipe.schedule, x, row["timesteps"])
+        else:
+            x0 = sample(fn, pipe.schedule, x, row["timesteps"], noise_correction=row.get("nc", False))
+        img = pipe.autoencoder.decode(x0).float().clamp(-1, 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        out.append(img.cpu())
+    return torch.cat(out), seconds / len(x_T)
+
+
+def nfe(row: dict) -> int:
+    return len(row["timesteps"]) * (2 if row["cfg"] != 1.0 else 1)
+
+
+class ToyJudge:
+    """Toy-data quality: FD in a small classifier's features against real held-out images, and the
+    classifier's accuracy on the prompted label."""
+
+    def __init__(self, size: int, cache: str, n_ref: int = 2000):
+        from data import make_toy
+        from metrics import train_toy_classifier
+        self.classifier = train_toy_classifier(size=size, cache=cache)
+        self.ref_images, self.ref_labels = make_toy(n_ref, seed=3000, size=size)  # disjoint from training seeds
+        self.ref_feats = self.features(self.ref_images)
+
+    @torch.no_grad()
+    def features(self, images):
+        return torch.cat([self.classifier.features(x) for x in images.split(500)])
+
+    def __call__(self, images, labels) -> dict:
+        from metrics import frechet_distance, label_accuracy
+        return {"toy_fd": frechet_distance(self.features(images), self.ref_feats),
+                "label_acc": label_accuracy(self.classifier, images, labels)}
+
+
+def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str, scale: int = 4) -> None:
+    """Rows = methods, columns = the same seeds and prompts; pixels upscaled (nearest) so 16×16 is visible,
+    with the method's name drawn left of each row."""
+    from PIL import Image, ImageDraw
+    cell = rows[0][1].shape[-1] * scale
+    cols = rows[0][1].shape[0]
+    label_w, pad = 190, 2
+    canvas = Image.new("RGB", (label_w + cols * (cell + pad), len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, imgs) in enumerate(rows):
+        y = r * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), name, fill="black")
+        up = F.interpolate(imgs.float(), scale_factor=scale, mode="nearest") if scale > 1 else imgs
+        for c, img in enumerate(up):
+            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(arr), (label_w + c * (cell + pad), y))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def write_table(results: list[dict], path_md: str, header: str) -> str:
+    cols = [("method", "method"), ("NFE", "nfe"), ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"),
+            ("label acc ↑", "label_acc"), ("FID ↓", "fid"), ("CLIP ↑", "clip"), ("saturation", "saturation"),
+            ("contrast", "contrast")]
+    cols = [(h, k) for h, k in cols if any(k in r for r in results)]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and abs(v) < 1 else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [header, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for _, k in cols) + " |" for r in results]
+    text = "\n".join(lines) + "\n"
+    with open(path_md, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(path_md)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    return text
+
+
+def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batch_size: int, cfg_scale: float,
+             seed: int, inception: str | None, reference: str | None, clip: str | None, prompts_file: str | None,
+             grid_cols: int, device: torch.device, rows_filter=None) -> list[dict]:
+    teacher = load_pipeline(teacher_path).to(device)
+    student = load_pipeline(student_path).to(device) if student_path else None
+    toy = teacher.encoder is not None and teacher.encoder.config().get("kind") == "labels"
+    # the prompts: toy labels cycling over the classes, a prompts file (t2i), or none (unconditional)
+    if toy:
+        n_cls = teacher.encoder.num_classes
+        prompts = torch.arange(n) % n_cls
+    elif teacher.encoder is not None:
+        if not prompts_file:
+            raise ValueError("a text-conditioned teacher needs --prompts (one prompt per line)")
+        from data import read_prompts
+        lines = read_prompts(prompts_file)
+        prompts = [lines[i % len(lines)] for i in range(n)]
+    else:
+        prompts = None
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(n, *teacher.latent_shape(), generator=g)  # the same noise for every method
+    student_ts = {k: student_timesteps(k) for k in (1, 2, 3)}
+
+    judge = ToyJudge(teacher.latent_shape()[-1], os.path.join(out, "toy_classifier.safetensors")) if toy else None
+    fid_model, fid_ref = None, None
+    if inception:
+        from metrics import InceptionFeatures
+        fid_model = InceptionFeatures(inception).to(device)
+        fid_ref = reference_features(fid_model, reference, toy, teacher, n, device)
+
+    results, grid = [], []
+    if toy:  # the real-data row: the ceiling for label accuracy, the floor for FD
+        from data import make_toy
+        real, real_labels = make_toy(n, seed=4000, size=teacher.latent_shape()[-1])
+        results.append({"method": "real images", "nfe": 0, **judge(real, real_labels), **sat(real)})
+    for row in methods(cfg_scale, student_ts):
+        if rows_filter and not rows_filter(row):
+            continue
+        pipe = teacher if row["model"] == "teacher" else student
+        if pipe is None:
+            continue
+        images, spi = generate(pipe, row, x_T, prompts, batch_size, device)
+        r = {"method": row["name"], "nfe": nfe(row), "sec_per_image": spi}
+        if judge is not None:
+            r.update(judge(images, prompts))
+        if fid_model is not None:
+            from metrics import frechet_distance
+            r["fid"] = frechet_distance(feats(fid_model, images, device), fid_ref)
+        if clip and prompts is not None and not toy:
+            from metrics import clip_score
+            r["clip"] = clip_score(images.to(device), prompts, clip)
+        r.update(sat(images))
+        results.append(r)
+        grid.append((row["name"], images[:grid_cols]))
+        tqdm.write(f"  {row['name']:<28} " + "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)))
+    os.makedirs(out, exist_ok=True)
+    save_grid_picture(grid, os.path.join(out, "grid.png"))
+    return results
+
+
+def sat(images) -> dict:
+    from metrics import saturation_contrast
+    return saturation_contrast(images)
+
+
+@torch.no_grad()
+def feats(model, images, device, bs: int = 50) -> torch.Tensor:
+    return torch.cat([model(x.to(device)).cpu() for x in images.split(bs)])
+
+
+def reference_features(model, reference: str | None, toy: bool, teacher, n: int, device) -> torch.Tensor:
+    """Inception features of the FID reference set: a folder of images, or real toy images."""
+    if reference:
+        from data import CaptionFolder
+        ds = CaptionFolder(reference, size=teacher.latent_shape()[-1] * teacher.autoencoder.downscale, captions=False)
+        images = torch.stack([ds[i][0] for i in range(min(len(ds), n))])
+    elif toy:
+        from data import make_toy
+        images, _ = make_toy(n, seed=3000, size=teacher.latent_shape()[-1])
+    else:
+        raise ValueError("FID needs --reference (a folder of real images)")
+    return feats(model, images, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# the paper's Table 3 at toy scale
+# --------------------------------------------------------------------------------------------------
+ABLATIONS = [  # (row name, distill.py flags)
+    ("Imagine Flash (full)", []),
+    ("w/o noise correction", ["--no-noise-correction"]),
+    ("w/o discriminator", ["--disc", "none"]),
+    ("w/o backward distillation", ["--no-backward"]),
+    ("w/o SRL (discriminator only)", ["--recon", "none"]),
+]
+
+
+def ablation(args, device) -> None:
+    import distill
+    results = []
+    for name, flags in ABLATIONS:
+        out = os.path.join(args.out, name.split(" (")[0].replace(" ", "_").replace("/", ""))
+        tqdm.write(f"ablation: {name}: distill.py {' '.join(flags)}")
+        if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
+            distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, *flags, *args.distill_args]),
+                        distill_dist(device))
+        nc = "--no-noise-correction" not in flags
+        keep = lambda row, nc=nc: row["name"] == ("student 3 steps" if nc else "student 3 steps w/o NC")  # noqa: E731
+        r = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
+                     args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols,
+                     device, rows_filter=keep)
+        results.append({**r[-1], "method": name + ", 3 steps"})
+    teacher_rows = evaluate(args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size,
+                            args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts,
+                            args.grid_cols, device)
+    table = write_table(teacher_rows + results, os.path.join(args.out, "ablation.md"),
+                        f"Ablation (paper Table 3) at toy scale, {args.n} samples per row")
+    print(table)
+
+
+def distill_dist(device):
+    import engine
+    return engine.Dist(device=device)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Evaluate teacher vs distilled student: grid picture + table "
+                                            "(Markdown and JSON).")
+    p.add_argument("--teacher", default="runs/toy/teacher", help="teacher pipeline folder")
+    p.add_argument("--student", default="runs/toy/student/student", help="student pipeline folder")
+    p.add_argument("--out", default="runs/toy/eval", help="output folder for grid.png, results.md, results.json")
+    p.add_argument("--n", type=int, default=1000, help="samples per method")
+    p.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="teacher guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
+    p.add_argument("--grid-cols", type=int, default=12, help="columns of the grid picture")
+    p.add_argument("--inception", default=None, help="Inception-v3 weights file, or 'download', for FID")
+    p.add_argument("--reference", default=None, help="folder of real images for FID (toy: generated)")
+    p.add_argument("--clip", default=None, help="CLIP model folder or hub id for the CLIP score")
+    p.add_argument("--prompts", default=None, help="prompts file for a text-conditioned teacher")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--ablation", action="store_true", help="distill and evaluate the paper's Table 3 rows")
+    p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
+                   help="(with --ablation) extra distill.py flags, e.g. --steps 300; must come last")
+    args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        if args.ablation:
+            ablation(args, device)
+            return
+        results = evaluate(args.teacher, args.student, args.out, args.n, args.batch_size, args.cfg_scale, args.seed,
+                           args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    table = write_table(results, os.path.join(args.out, "results.md"),
+                        f"teacher {args.teacher}, student {args.student}, {args.n} samples per method, "
+                        f"teacher CFG {args.cfg_scale}")
+    print(table)
+    print(f"picture: {os.path.join(args.out, 'grid.png')}   table: {os.path.join(args.out, 'results.md')} (+ .json)")
+
+
+if __name__ == "__main__":
+    main()

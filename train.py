@@ -1,0 +1,206 @@
+"""
+Teacher pretraining: the standard ε-prediction diffusion loss, with condition dropout for classifier-free
+guidance and an EMA of the weights. Imagine Flash needs a teacher; this trains one from scratch when there
+is no pretrained one to download (the toy demo, a CIFAR-10 teacher, a small text-to-image teacher).
+
+    t ~ U{0, …, T−1},  ε ~ N(0, I),  x_t = α_t x_0 + σ_t ε  (Eq. 1),   L = ‖ε̂(x_t, t, c) − ε‖²
+    c is replaced by the null condition with probability p_drop, so the model also learns ε̂(x_t, t, ∅).
+
+The result is a pipeline folder (unet/, scheduler/, conditioning.json) that distill.py reads as --teacher.
+Same DDP / checkpoint / resume / logging machinery as distill.py (engine.py).
+
+Run:   python train.py --preset toy                         (CPU, minutes)
+       torchrun --nproc_per_node=8 train.py --preset cifar10 --data cifar10:data/cifar10
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import engine
+from conditioning import LabelEncoder
+from data import TOY_CLASSES, Source
+from pipeline import encode_prompts, save_pipeline
+from schedule import VPSchedule
+from unet import CONFIGS, UNet
+
+
+@dataclass
+class TrainConfig:
+    unet: str = "toy"  # a name in unet.CONFIGS or a path to a diffusers config.json
+    schedule: str = "scaled_linear"  # β kind (schedule.py); the toy uses SD's, see README
+    data: str = "toy"
+    out: str = "runs/toy/teacher"
+    steps: int = 2500
+    global_batch: int = 128
+    micro_batch: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    cond_drop: float = 0.1  # probability of training on the null condition (CFG)
+    ema_decay: float = 0.999
+    label_seed: int = 0  # the toy label encoder's table
+    seed: int = 0
+    toy_size: int = 16
+    toy_images: int = 20000
+    log_every: int = 100
+    ckpt_every: int = 500
+    resume: str = ""
+    device: str = "auto"
+    bf16: bool = False
+
+
+TRAIN_PRESETS = {
+    "toy": TrainConfig(),
+    # DDPM's CIFAR-10 recipe (Ho et al.): 35.7M U-Net, linear β, lr 2e-4, batch 128, 800k steps, unconditional
+    "cifar10": TrainConfig(unet="ddpm_cifar10", schedule="linear", data="cifar10:data/cifar10", out="runs/cifar10/teacher",
+                           steps=800_000, lr=2e-4, warmup=5000, cond_drop=0.0, ema_decay=0.9999, toy_images=0,
+                           log_every=500, ckpt_every=10_000, bf16=True),
+}
+
+
+def diffusion_loss(model, schedule: VPSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond) -> torch.Tensor:
+    # ε-prediction: ‖ε̂(q(x_0, ε, t), t, c) − ε‖², one value per sample (B,)
+    x_t = schedule.q_sample(x0, eps, t)  # Eq. 1
+    return (model(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
+
+
+def drop_labels(labels: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Labels → −1 (the null condition) with probability p: CFG training."""
+    drop = torch.rand(labels.shape, generator=g) < p
+    return torch.where(drop, torch.full_like(labels, -1), labels)
+
+
+def build_unet(name: str) -> UNet:
+    if name in CONFIGS:
+        return UNet.from_config_name(name)
+    if os.path.isfile(name):
+        with open(name) as f:
+            return UNet(json.load(f))
+    raise ValueError(f"--unet must be one of {', '.join(CONFIGS)} or a config.json path, got {name!r}")
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, str]:
+    p = argparse.ArgumentParser(description="Pretrain a diffusion teacher (ε-prediction, CFG dropout, EMA). "
+                                            "Flags override the preset.")
+    p.add_argument("--preset", default="toy", help=f"one of {', '.join(TRAIN_PRESETS)} (default: toy)")
+    helps = {"unet": "U-Net config name or config.json", "schedule": "β schedule: linear | scaled_linear | cosine",
+             "data": "toy | cifar10:<root> | image–caption folder", "out": "output folder (the teacher pipeline)",
+             "steps": "training iterations", "global_batch": "samples per iteration over all processes",
+             "micro_batch": "samples per forward per process", "lr": "Adam learning rate", "warmup": "linear warm-up steps",
+             "cond_drop": "condition dropout probability (CFG)", "ema_decay": "EMA decay",
+             "label_seed": "seed of the toy label-embedding table", "seed": "random seed", "toy_size": "toy image size",
+             "toy_images": "toy dataset size", "log_every": "log line every N steps", "ckpt_every": "checkpoint every N steps",
+             "resume": "checkpoint to resume, or 'auto'", "device": "auto | cpu | cuda", "bf16": "bf16 autocast on CUDA"}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
+        else:
+            p.add_argument(flag, dest=f.name, default=None, type=f.type if f.type in (int, float) else str, help=helps[f.name])
+    args = p.parse_args(argv)
+    if args.preset not in TRAIN_PRESETS:
+        p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+    cfg = copy.deepcopy(TRAIN_PRESETS[args.preset])
+    for f in dataclasses.fields(TrainConfig):
+        if getattr(args, f.name) is not None:
+            setattr(cfg, f.name, getattr(args, f.name))
+    return cfg, args.preset
+
+
+def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
+    from tqdm.auto import tqdm
+    device = dist.device
+    accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
+    schedule = VPSchedule(cfg.schedule)
+    model = build_unet(cfg.unet).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    encoder = None
+    if model.is_conditional:
+        if cfg.data != "toy":
+            raise ValueError("text-conditioned teacher training from captions is not available yet; use --data toy")
+        encoder = LabelEncoder(len(TOY_CLASSES), model.config["cross_attention_dim"], cfg.label_seed, TOY_CLASSES).to(device)
+    source = Source(cfg.data, toy_images=cfg.toy_images, toy_size=cfg.toy_size, seed=cfg.seed)
+    if not source.has_images:
+        raise ValueError(f"{cfg.data} has no images to train a teacher on")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    model_ddp = DDP(model) if dist.world > 1 else model
+
+    state_path = os.path.join(cfg.out, "state.safetensors")
+    step = 0
+    resume = state_path if cfg.resume == "auto" and os.path.isfile(state_path) else (cfg.resume if cfg.resume != "auto" else "")
+    if resume:
+        step = engine.load_state(resume, {"model": model, "ema": ema}, {"opt": opt})["step"]
+        sched_lr.last_epoch = step
+        engine.print0(f"resumed from {resume} at step {step}")
+    if dist.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
+            json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    engine.print0(f"train: preset {preset}, U-Net {cfg.unet} ({n_params:.2f}M params), {cfg.schedule} schedule, "
+                  f"{dist.world} process(es), accumulation {accum}")
+    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train teacher", disable=not dist.main, leave=False)
+    while step < cfg.steps:
+        # the global batch's randomness from (seed, step): ranks take slices, resume is exact
+        g = engine.rank_generator(cfg.seed, step)
+        idx = torch.randint(source.n, (cfg.global_batch,), generator=g)
+        t_all = torch.randint(0, schedule.T, (cfg.global_batch,), generator=g)
+        images, prompts = source.get(idx)
+        eps_all = torch.randn(images.shape, generator=g)
+        if torch.is_tensor(prompts):
+            prompts = drop_labels(prompts, cfg.cond_drop, g)
+        total = 0.0
+        for m in range(accum):
+            start = (m * dist.world + dist.rank) * cfg.micro_batch
+            sl = slice(start, start + cfg.micro_batch)
+            with torch.no_grad():
+                cond, _ = encode_prompts(encoder, prompts[sl] if prompts is not None else None, device)
+            sync = m == accum - 1 or dist.world == 1
+            with (model_ddp.no_sync() if not sync else torch.enable_grad()), engine.autocast(dist, cfg.bf16):
+                loss = diffusion_loss(model_ddp, schedule, images[sl].to(device), t_all[sl].to(device),
+                                      eps_all[sl].to(device), cond).mean()
+                (loss / accum).backward()
+            total += loss.item() / accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched_lr.step()
+        engine.update_ema(ema, model, cfg.ema_decay)
+        step += 1
+        logger.add(loss=total)
+        bar.update(1)
+        logger.maybe_print(step, device)
+        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            if dist.main:
+                engine.save_state(state_path, step, {"model": model, "ema": ema}, {"opt": opt},
+                                  extra={"preset": preset, **dataclasses.asdict(cfg)})
+            engine.barrier()
+    bar.close()
+    if dist.main:
+        save_pipeline(cfg.out, ema, schedule, encoder)
+        engine.print0(f"teacher (EMA) written to {cfg.out}")
+    engine.barrier()
+
+
+def main(argv=None) -> None:
+    cfg, preset = parse_args(argv)
+    dist = engine.setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed * 1000 + dist.rank)
+    try:
+        run(cfg, preset, dist)
+    except (FileNotFoundError, ValueError) as e:
+        engine.print0(f"error: {str(e).splitlines()[0]}")
+        engine.cleanup_distributed()
+        sys.exit(2)
+    engine.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

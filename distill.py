@@ -256,6 +256,8 @@ class Distiller:
             raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
         if cfg.disc not in ("unet", "projected", "none"):
             raise ValueError(f"--disc must be unet, projected or none, got {cfg.disc!r}")
+        if list(cfg.timesteps) != sorted(set(cfg.timesteps), reverse=True) or not 0 <= min(cfg.timesteps) <= max(cfg.timesteps) < 1000:
+            raise ValueError(f"--timesteps must be distinct, descending, in [0, 999]; got {cfg.timesteps}")
         if cfg.recon == "none" and cfg.disc == "none":
             raise ValueError("--recon none with --disc none leaves no loss to train on")
         self.accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)

@@ -51,18 +51,19 @@ DIFFUSERS_VERSION = "0.42.1"
 
 CONFIGS = {
     # CPU-sized text-to-image layout for the toy preset: 16x16 RGB, one conditioning token of dim 64
-    # (the embedded class label). Self- and cross-attention at 8x8 and 4x4 and in the mid block.
-    # 1.41M parameters; a batch of 64 takes ~0.08 s forward on 2 CPU cores.
+    # (the embedded class label). Self- and cross-attention only at 4x4 and in the mid block: attention
+    # at 8x8 made a training step ~60% slower on 2 CPU cores for no visible gain on this data.
+    # 1.25M parameters.
     "toy": {
         "_class_name": "UNet2DConditionModel",
         "sample_size": 16,
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
         "block_out_channels": [32, 48, 64],
         "layers_per_block": 1,
-        "attention_head_dim": 4,  # SD convention: 4 heads (of 12 and 16 channels)
+        "attention_head_dim": 4,  # SD convention: 4 heads (of 16 channels)
         "cross_attention_dim": 64,
         "norm_num_groups": 8,
         "flip_sin_to_cos": True,

@@ -1,0 +1,184 @@
+"""discriminator.py: the hinge and R1 losses against per-sample references, the U-Net discriminator built from
+the tiny teacher, the projected discriminator on a tiny random DINOv2 (nothing downloaded), and a short
+distillation run with each."""
+import pytest
+import torch
+import torch.nn as nn
+
+import distill
+import engine
+from discriminator import (ProjectedDiscriminator, TokenHead, UNetDiscriminator, d_hinge_loss, g_hinge_loss,
+                           r1_penalty)
+from pipeline import load_pipeline
+from toyteacher import make_dinov2, make_teacher, tiny_args, tiny_encoder, tiny_unet
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
+
+
+@pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory):
+    return make_dinov2(str(tmp_path_factory.mktemp("dinov2")))
+
+
+def tiny_vit():
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    return Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    patch_size=4, image_size=16))
+
+
+def cond_for(labels):
+    return tiny_encoder()(torch.tensor(labels))  # (B, 1, 16)
+
+
+# --------------------------------------------------------------------------------------------------
+# losses, per sample
+# --------------------------------------------------------------------------------------------------
+def test_hinge_losses_per_sample():
+    real = torch.tensor([-2.0, -0.5, 0.3, 1.0, 1.7])
+    fake = torch.tensor([1.5, -1.0, -3.0, 0.2, 0.0])
+    ref_d = [max(0.0, 1 - r) + max(0.0, 1 + f) for r, f in zip(real.tolist(), fake.tolist())]
+    torch.testing.assert_close(d_hinge_loss(real, fake), torch.tensor(ref_d))
+    torch.testing.assert_close(g_hinge_loss(fake), torch.tensor([-f for f in fake.tolist()]))
+
+
+def test_r1_penalty_matches_a_per_sample_loop():
+    torch.manual_seed(0)
+    D = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 1, 3), nn.Flatten(), nn.Softplus())
+
+    def logits(x):
+        return D(x).pow(2).mean(1)  # (B,), nonlinear in x
+
+    x = torch.randn(4, 3, 5, 5, generator=gen(0)).requires_grad_(True)
+    out = r1_penalty(logits(x), x)
+    ref = []
+    for i in range(4):
+        xi = x[i:i + 1].detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(logits(xi).sum(), xi)
+        ref.append(g.pow(2).sum())
+    assert out.shape == (4,)
+    torch.testing.assert_close(out, torch.stack(ref))
+    out.sum().backward()  # create_graph: the penalty trains D
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# the U-Net discriminator
+# --------------------------------------------------------------------------------------------------
+def test_unet_discriminator_is_the_teachers_encoder_plus_heads(teacher):
+    t_unet = load_pipeline(teacher).unet
+    t_before = {k: v.clone() for k, v in t_unet.state_dict().items()}
+    torch.manual_seed(0)
+    disc = UNetDiscriminator(t_unet)
+    assert not hasattr(disc.encoder, "up_blocks") and not hasattr(disc.encoder, "conv_out")
+    assert len(disc.heads) == 3  # two down levels + the mid block
+    assert all(p.requires_grad for p in disc.parameters())
+    x = torch.randn(4, 3, 8, 8, generator=gen(0))
+    s, cond = torch.tensor([0, 100, 400, 700]), cond_for([0, 3, 7, 11])
+    # the encoder starts as an exact copy of the teacher's
+    for a, b in zip(disc.encoder.encode(x, s, cond), t_unet.encode(x, s, cond)):
+        torch.testing.assert_close(a, b)
+    logits = disc(x, s, cond)
+    assert logits.shape == (4,)
+    assert (disc(x, s, cond_for([1, 4, 8, 2])) - logits).abs().min() > 1e-6  # depends on the condition
+    assert (disc(x, s + 200, cond) - logits).abs().min() > 1e-6  # and on the diffusion-GAN timestep
+    logits.sum().backward()
+    # every parameter is used (DDP's requirement), the teacher is a separate, untouched copy
+    assert all(p.grad is not None for p in disc.parameters())
+    assert all(p.grad is None for p in t_unet.parameters())
+    with torch.no_grad():
+        for p in disc.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, t_before[k]) for k, v in t_unet.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------------
+# the projected discriminator on a frozen ViT
+# --------------------------------------------------------------------------------------------------
+def test_projected_discriminator_frozen_vit_gradient_reaches_the_image():
+    torch.manual_seed(0)
+    disc = ProjectedDiscriminator(tiny_vit(), cond_dim=16).train()
+    assert disc.layers == (1, 2) and len(disc.heads) == 2
+    assert not disc.vit.training  # the frozen ViT stays in eval mode inside a training discriminator
+    assert all(not p.requires_grad for p in disc.vit.parameters())
+    x = (torch.rand(3, 3, 8, 8, generator=gen(0)) * 2 - 1).requires_grad_(True)  # any size: resized to 16
+    cond = cond_for([0, 5, 9])
+    logits = disc(x, None, cond)
+    assert logits.shape == (3,)
+    logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the generator's gradient path
+    assert all(p.grad is None for p in disc.vit.parameters())
+    assert all(p.grad is not None for p in disc.heads.parameters())
+    with torch.no_grad():
+        assert (disc(x, None, cond_for([1, 6, 10])) - logits).abs().min() > 1e-6  # conditioned by projection
+
+
+def test_token_head_condition_projection():
+    torch.manual_seed(0)
+    head = TokenHead(32, cond_dim=16, hidden=8)
+    tokens = torch.randn(2, 17, 32, generator=gen(0))
+    c = torch.randn(2, 16, generator=gen(1))
+    out = head(tokens, c)
+    assert out.shape == (2,)
+    assert (head(tokens, c * -1.0) - out).abs().min() > 1e-6
+    # ⟨h(tokens), W c⟩ / sqrt(d), averaged over tokens, by hand
+    with torch.no_grad():
+        h = head.out(head.net(tokens.transpose(1, 2)))  # (B, 8, N)
+        ref = torch.stack([(h[i].T @ head.cond_proj(c[i])).mean() / 8 ** 0.5 for i in range(2)])
+    torch.testing.assert_close(out.detach(), ref)
+    plain = TokenHead(32, cond_dim=None, hidden=8)
+    assert plain.cond_proj is None and plain(tokens, None).shape == (2,)
+
+
+def test_projected_from_pretrained_folder(vit_folder):
+    disc = ProjectedDiscriminator.from_pretrained(vit_folder, cond_dim=16)
+    assert disc.image_size == 16 and all(not p.requires_grad for p in disc.vit.parameters())
+    assert disc(torch.zeros(2, 3, 8, 8), None, cond_for([0, 1])).shape == (2,)
+
+
+# --------------------------------------------------------------------------------------------------
+# short distillation runs with each discriminator
+# --------------------------------------------------------------------------------------------------
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_projected_disc_distillation_offline(teacher, vit_folder, tmp_path):
+    # --recon none: the student learns from the adversarial term alone, so it can only move if the
+    # generator's gradient crosses the frozen ViT
+    cfg, _ = distill.parse_args(tiny_args(teacher, str(tmp_path), "--disc", "projected", "--disc-vit", vit_folder,
+                                          "--recon", "none", "--r1", "0.1", "--lr", "1e-3", "--lr-disc", "1e-3"))
+    d = distill.Distiller(cfg, engine.Dist())
+    assert isinstance(d.disc, ProjectedDiscriminator)
+    assert {id(p) for g in d.opt_d.param_groups for p in g["params"]} == {id(p) for p in d.disc.heads.parameters()}
+    student, vit, heads = snapshot(d.student), snapshot(d.disc.vit), snapshot(d.disc.heads)
+    for _ in range(2):
+        logs = d.train_step()
+        assert set(logs) == {"adv_g", "d", "r1", "t"}  # R1 through the ViT's attention: a double backward
+    assert not all(torch.equal(v, student[k]) for k, v in d.student.state_dict().items())
+    assert all(torch.equal(v, vit[k]) for k, v in d.disc.vit.state_dict().items())
+    assert not all(torch.equal(v, heads[k]) for k, v in d.disc.heads.state_dict().items())
+    assert all(not p.requires_grad for p in d.disc.vit.parameters())
+
+
+def test_unet_disc_distillation_with_r1(teacher, tmp_path):
+    cfg, _ = distill.parse_args(tiny_args(teacher, str(tmp_path), "--r1", "0.1", "--steps", "2"))
+    d = distill.Distiller(cfg, engine.Dist())
+    assert isinstance(d.disc, UNetDiscriminator)
+    logs = d.train_step()
+    assert set(logs) == {"recon", "adv_g", "d", "r1", "t"} and logs["r1"] > 0

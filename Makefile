@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
+DEMO   ?= runs/demo
+
 .PHONY: setup demo test clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -12,6 +14,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The embedded demo: teacher pretraining -> Imagine Flash distillation -> evaluation, toy preset, CPU.
+# --resume auto: re-running continues where an interrupted run stopped.
+demo: setup
+	$(PY) train.py --preset toy --out $(DEMO)/teacher --resume auto
+	$(PY) distill.py --preset toy --teacher $(DEMO)/teacher --out $(DEMO)/distill --resume auto
+	$(PY) evaluate.py --teacher $(DEMO)/teacher --student $(DEMO)/distill/student --out $(DEMO)/eval
+	@echo "demo outputs: $(DEMO)/eval/grid.png and $(DEMO)/eval/results.md"
 
 test: setup
 	$(PY) -m pytest

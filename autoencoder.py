@@ -20,6 +20,7 @@ Images are in [-1, 1], (B, 3, H, W); latents are (B, 4, H/8, W/8) for SD-1.5 and
 by `scaling_factor` (0.18215), so they have roughly unit variance, as the noise schedule assumes.
 """
 
+import hashlib
 import json
 import os
 
@@ -397,6 +398,17 @@ def _convert_legacy_attention_names(state_dict):
                 name = name.replace(old, new)
         out[name] = t
     return out
+
+
+def fingerprint(autoencoder: nn.Module) -> str:
+    """A short hash of an autoencoder's config and every weight's bytes (float32, CPU: the same on any device).
+    Latents cached with one VAE (data.encode_latents) are refused by any other."""
+    h = hashlib.sha256(json.dumps(getattr(autoencoder, "config", {"identity": autoencoder.latent_channels}),
+                                  sort_keys=True).encode())
+    for name, v in sorted(autoencoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_autoencoder(spec: str | None, folder: str | None = None, channels: int = 3) -> nn.Module:

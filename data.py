@@ -8,14 +8,22 @@
 - `CaptionFolder`: an image-caption folder (`cat.jpg` + `cat.txt`) for the text-to-image preset.
 - `read_prompts`: one prompt per line, for evaluation and for the prompt-only backward distillation
   loss (Eq. 7 needs noise and conditions, no images).
+- `encode_latents`: a caption folder through the teacher's VAE ONCE, kept in a safetensors file and reused
+  (`distill.py --latent-cache PATH`), so a latent-space run decodes no JPEG and runs no VAE encoder per step.
 
 Every image tensor here is float32 (3, H, W) in [-1, 1].
 """
+import json
 import math
 import os
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+import engine
+from autoencoder import fingerprint
 from torch.utils.data import Dataset
 
 # ----------------------------------------------------------------------------------------------
@@ -211,15 +219,92 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+# ----------------------------------------------------------------------------------------------
+# Latents encoded once
+
+
+def _pack(strings: list[str]) -> torch.Tensor:
+    # strings as one uint8 tensor (JSON in UTF-8): no limit on their number, unlike the safetensors header
+    return torch.frombuffer(bytearray(json.dumps(strings).encode()), dtype=torch.uint8)
+
+
+def _unpack(t: torch.Tensor) -> list[str]:
+    return json.loads(bytes(t.numpy()).decode())
+
+
+def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_size: int = 16):
+    """(latents (N, C, h, w) float16, captions): the caption folder through the teacher's VAE, ONCE.
+
+    The result lives in a safetensors file at `path` whose header holds the VAE's fingerprint (config and
+    weights, autoencoder.fingerprint), the image size and N. An existing file is read, never re-encoded; one
+    made with another VAE, size or folder fails in one line and is left as it is. Latents are the posterior
+    mean (as when encoding on the fly) in float16: about unit variance, so 3 significant digits, far below
+    the VAE's own reconstruction error, in half the bytes. Under torchrun every rank encodes every world-th
+    image into a part file, and rank 0 joins the parts (temporary file + rename: never a torn cache)."""
+    from tqdm.auto import tqdm
+    key = {"vae": fingerprint(autoencoder), "size": str(dataset.size), "n": str(len(dataset))}
+    if not os.path.isfile(path):
+        mine = list(range(dist.rank, len(dataset), dist.world))
+        latents, captions = [], []
+        for i in tqdm(range(0, len(mine), batch_size), desc="encode latents", disable=not dist.main, leave=False):
+            items = [dataset[j] for j in mine[i:i + batch_size]]
+            with torch.no_grad():
+                z = autoencoder.encode(torch.stack([x for x, _ in items]).to(dist.device))  # (b, C, h, w)
+            latents.append(z.half().cpu())
+            captions += [c for _, c in items]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        part = f"{path}.part{dist.rank}"
+        save_file({"latents": torch.cat(latents) if latents else torch.zeros(0, dtype=torch.float16),
+                   "captions": _pack(captions)}, part)
+        engine.barrier()
+        if dist.main:
+            parts = [load_file(f"{path}.part{r}") for r in range(dist.world)]
+            z = torch.empty(len(dataset), *parts[0]["latents"].shape[1:], dtype=torch.float16)
+            all_captions = [""] * len(dataset)
+            for r, p in enumerate(parts):
+                if len(p["latents"]):
+                    z[r::dist.world] = p["latents"]  # rank r encoded images r, r + world, …
+                    all_captions[r::dist.world] = _unpack(p["captions"])
+            save_file({"latents": z, "captions": _pack(all_captions)}, path + ".tmp",
+                      metadata={**key, "data": dataset.root})
+            os.replace(path + ".tmp", path)
+            for r in range(dist.world):
+                os.remove(f"{path}.part{r}")
+        engine.barrier()
+    return read_latents(path, key)
+
+
+def read_latents(path: str, key: dict):
+    """(latents, captions) from a cache written by encode_latents, if its header matches `key`."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"corrupt latent cache {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if "vae" not in meta or not {"latents", "captions"} <= tensors.keys():
+        raise ValueError(f"{path} is not a latent cache (no VAE fingerprint or latents in it)")
+    if meta["vae"] != key["vae"]:
+        raise ValueError(f"latent cache {path} was made with another VAE (fingerprint {meta['vae']}, this teacher's "
+                         f"is {key['vae']}): delete it or pass another --latent-cache path")
+    if meta.get("size") != key["size"]:
+        raise ValueError(f"latent cache {path} holds {meta.get('size')} px images, this run needs {key['size']} px: "
+                         "delete it or pass another --latent-cache path")
+    if meta.get("n") != key["n"]:
+        raise ValueError(f"latent cache {path} holds {meta.get('n')} images, the caption folder has {key['n']}: "
+                         "delete it or pass another --latent-cache path")
+    return tensors["latents"], _unpack(tensors["captions"])
+
+
 # --------------------------------------------------------------------------------------------------
 # one interface over all of the above, for train.py and distill.py
 # --------------------------------------------------------------------------------------------------
 class Source:
     """Index → (images in [−1, 1] or None, prompts). Prompts are a LongTensor of labels (toy), a list of
-    strings (captions) or None (unconditional)."""
+    strings (captions) or None (unconditional). After use_latents, images are pre-encoded latents (`encoded`)."""
 
     def __init__(self, spec: str, toy_images: int = 20000, toy_size: int = 16, seed: int = 0, size: int | None = 512):
-        self.images, self.prompts, self.captions = None, None, None
+        self.images, self.prompts, self.captions, self.latents = None, None, None, None
         if spec == "toy":
             self.images, self.prompts = make_toy(toy_images, seed=seed, size=toy_size)
             self.n = len(self.images)
@@ -238,7 +323,19 @@ class Source:
     def has_images(self) -> bool:
         return self.captions is None
 
+    @property
+    def encoded(self) -> bool:
+        return self.latents is not None
+
+    def use_latents(self, path: str, autoencoder, dist, batch_size: int = 16) -> None:
+        """From now on serve the caption folder's latents from the cache at `path` (encode_latents)."""
+        if not isinstance(getattr(self, "dataset", None), CaptionFolder):
+            raise ValueError(f"--latent-cache needs an image–caption folder as --data, got {self.spec!r}")
+        self.latents, self.latent_captions = encode_latents(path, self.dataset, autoencoder, dist, batch_size)
+
     def get(self, idx: torch.Tensor):
+        if self.latents is not None:
+            return self.latents[idx].float(), [self.latent_captions[i] for i in idx.tolist()]
         if self.images is not None:
             return self.images[idx], self.prompts[idx]
         if self.captions is not None:

@@ -12,7 +12,8 @@ One iteration, each piece a named function below:
   6. loss = ‖target − x̂_0^Θ‖² + λ_adv · L_G;  Adam; EMA of the student
 
 Run:   python distill.py --preset toy --teacher runs/toy/teacher
-       torchrun --nproc_per_node=8 distill.py --preset t2i --teacher path/to/sd15 --data path/to/captions
+       torchrun --nproc_per_node=8 distill.py --preset t2i --teacher path/to/sd15 --data path/to/captions \
+                --latent-cache path/to/captions.latents.safetensors
 Every flag overrides the preset; `python distill.py --help` lists them.
 """
 import argparse
@@ -46,6 +47,7 @@ from schedule import VPSchedule
 class Config:
     teacher: str = "runs/toy/teacher"  # pipeline folder (train.py output, diffusers folder) or hub id
     data: str = "toy"  # "toy" | "cifar10:<root>" | image–caption folder | prompts .txt (no real images)
+    latent_cache: str = ""  # safetensors file of the caption folder's VAE latents: encoded on first use, then reused
     out: str = "runs/toy/student"
     steps: int = 600
     global_batch: int = 64
@@ -89,11 +91,17 @@ PRESETS = {
     "cifar10": Config(teacher="google/ddpm-cifar10-32", data="cifar10:data/cifar10", out="runs/cifar10/student",
                       steps=20000, global_batch=128, micro_batch=128, lr=1e-5, cfg_scale=1.0, lambda_adv=0.1,
                       ema_decay=0.999, toy_images=0, log_every=100, sample_every=1000, ckpt_every=1000, bf16=True),
-    # SD-1.5 on 8 GPUs (README, "Text-to-image"): latent 4×64×64, CFG 7.5 for the target, paper's γ and k.
-    "t2i": Config(teacher="runwayml/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/student",
+    # SD-1.5 on 8 GPUs (README, "Text-to-image"): latent 4×64×64 (the U-Net's sample_size; the schedule is the
+    # folder's scheduler config: scaled_linear 0.00085 → 0.012), CFG 7.5 for the target, paper's γ and k = 8,
+    # the U-Net-encoder discriminator in latent space (--disc projected --disc-vit <DINOv2 folder>: on pixels).
+    "t2i": Config(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/student",
                   steps=15000, global_batch=256, micro_batch=8, lr=5e-6, lr_disc=1e-4, cfg_scale=7.5,
                   lambda_adv=0.05, ema_decay=0.999, toy_images=0, log_every=50, sample_every=1000,
                   ckpt_every=1000, bf16=True, grad_ckpt=True),
+    # a small pixel-space text-to-image teacher of your own (train.py --preset t2i_small), 32×32, one GPU
+    "t2i_small": Config(teacher="runs/t2i_small/teacher", data="data/captions", out="runs/t2i_small/student",
+                        steps=5000, global_batch=128, micro_batch=64, lr=1e-5, cfg_scale=4.0, lambda_adv=0.1,
+                        ema_decay=0.999, toy_images=0, log_every=50, sample_every=500, ckpt_every=500, bf16=True),
 }
 
 
@@ -283,6 +291,8 @@ class Distiller:
         if (cfg.disc != "none" or not cfg.backward) and not self.source.has_images:
             raise ValueError(f"{cfg.data} has prompts only: the discriminator and --no-backward need real images "
                              "(use --disc none, or an image–caption folder)")
+        if cfg.latent_cache:  # the VAE runs over the caption folder once; get() then returns latents
+            self.source.use_latents(cfg.latent_cache, pipe.autoencoder, dist, cfg.micro_batch)
 
         self.disc = None
         if cfg.disc == "unet":
@@ -333,8 +343,11 @@ class Distiller:
             d = {k: v[sl].to(device) for k, v in draws.items()}
             images, prompts = self.source.get(d["idx"].cpu())
             with torch.no_grad():
+                # the prompts' embeddings, once per micro-batch: student, teacher and discriminator share them
                 cond, null_cond = encode_prompts(self.pipe.encoder, prompts, device)
-                x0_real = self.pipe.autoencoder.encode(images.to(device)) if images is not None else None
+                x0_real = None
+                if images is not None:  # real data in the diffusion space: cached latents, or encoded now
+                    x0_real = images.to(device) if self.source.encoded else self.pipe.autoencoder.encode(images.to(device))
             with engine.autocast(self.dist, cfg.bf16):
                 if cfg.backward:  # step 2
                     x_t = backward_rollout(engine.unwrap(self.student_ddp), self.schedule, d["x_T"], cond, t,
@@ -399,6 +412,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
     p.add_argument("--preset", default="toy", help=f"one of {', '.join(PRESETS)} (default: toy)")
     helps = {
         "teacher": "teacher pipeline folder or hub id", "data": "toy | cifar10:<root> | caption folder | prompts .txt",
+        "latent_cache": "safetensors file of the caption folder's latents (encoded once with the teacher's VAE, then reused)",
         "out": "output folder (student/, state.safetensors, samples/, log.jsonl)", "steps": "training iterations",
         "global_batch": "samples per iteration over all processes", "micro_batch": "samples per forward per process",
         "lr": "student learning rate", "lr_disc": "discriminator learning rate", "adam_betas": "Adam betas",

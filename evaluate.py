@@ -253,7 +253,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Evaluate teacher vs distilled student: grid picture + table "
                                             "(Markdown and JSON).")
     p.add_argument("--teacher", default="runs/toy/teacher", help="teacher pipeline folder")
-    p.add_argument("--student", default="runs/toy/student/student", help="student pipeline folder")
+    p.add_argument("--student", default="runs/toy/student/student", help="student pipeline folder ('' for teacher rows only)")
     p.add_argument("--out", default="runs/toy/eval", help="output folder for grid.png, results.md, results.json")
     p.add_argument("--n", type=int, default=1000, help="samples per method")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
@@ -274,7 +274,7 @@ def main(argv=None) -> None:
         if args.ablation:
             ablation(args, device)
             return
-        results = evaluate(args.teacher, args.student, args.out, args.n, args.batch_size, args.cfg_scale, args.seed,
+        results = evaluate(args.teacher, args.student or None, args.out, args.n, args.batch_size, args.cfg_scale, args.seed,
                            args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -11,7 +11,8 @@ A teacher or a student on disk: a diffusers-style folder that holds everything n
       pipeline.json  optional: {"base": other folder} to take vae/ and the text encoder from (a student exported
                      from an SD-1.5 teacher points back at the teacher instead of copying 600 MB)
 
-train.py writes a teacher in this layout, distill.py a student; evaluate.py reads both.
+train.py writes a teacher in this layout (with a COPY of its frozen text encoder in text_encoder/ + tokenizer/,
+so the folder stands alone), distill.py a student; evaluate.py reads both.
 """
 import json
 import os
@@ -58,8 +59,11 @@ def resolve(path: str) -> str:
         raise FileNotFoundError(f"no such folder: {path}")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-                                 ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"])
+        # only what a pipeline needs: SD-1.5's repo also holds 12 GB of single-file checkpoints and a safety checker
+        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        return snapshot_download(path, allow_patterns=["*.json", "*.txt", "diffusion_pytorch_model.safetensors",
+                                                       *(f"{p}/*" for p in parts)],
+                                 ignore_patterns=["*.fp16.*", "*non_ema*", "*.ckpt", "*.bin", "*.msgpack", "*.onnx*", "*.h5"])
     except Exception as e:  # offline, unknown repo, …
         raise FileNotFoundError(f"{path} is not a local folder and could not be downloaded from the hub: "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -110,14 +114,18 @@ def load_pipeline(path: str, need_vae: bool | None = None) -> Pipeline:
 
 def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Module | None, base: str | None = None) -> None:
     """Write unet/ and scheduler/ (+ conditioning.json for a label encoder, or pipeline.json → base for
-    the VAE and text encoder of a real teacher). The U-Net is saved in diffusers' layout, so the result
-    also loads with diffusers' UNet2DConditionModel / UNet2DModel.from_pretrained(path, subfolder="unet")."""
+    the VAE and text encoder of a real teacher, or, with no base, a copy of a text encoder in text_encoder/ +
+    tokenizer/). The U-Net is saved in diffusers' layout, so the result also loads with diffusers'
+    UNet2DConditionModel / UNet2DModel.from_pretrained(path, subfolder="unet")."""
     os.makedirs(path, exist_ok=True)
     unet.save_pretrained(os.path.join(path, "unet"))
     schedule.save_pretrained(os.path.join(path, "scheduler"))
     if isinstance(encoder, LabelEncoder):
         with open(os.path.join(path, "conditioning.json"), "w") as f:
             json.dump(encoder.config(), f, indent=2)
+    if isinstance(encoder, TextEncoder) and base is None:  # a teacher of our own: carry its text encoder along
+        encoder.model.save_pretrained(os.path.join(path, "text_encoder"))
+        encoder.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     if base is not None and os.path.abspath(base) != os.path.abspath(path):
         with open(os.path.join(path, "pipeline.json"), "w") as f:
             json.dump({"base": os.path.abspath(base) if os.path.isdir(base) else base}, f, indent=2)

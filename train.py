@@ -4,13 +4,16 @@ guidance and an EMA of the weights. Imagine Flash needs a teacher; this trains o
 is no pretrained one to download (the toy demo, a CIFAR-10 teacher, a small text-to-image teacher).
 
     t ~ U{0, …, T−1},  ε ~ N(0, I),  x_t = α_t x_0 + σ_t ε  (Eq. 1),   L = ‖ε̂(x_t, t, c) − ε‖²
-    c is replaced by the null condition with probability p_drop, so the model also learns ε̂(x_t, t, ∅).
+    c is replaced by the null condition with probability p_drop, so the model also learns ε̂(x_t, t, ∅)
+    (toy: label −1; captions: the empty caption "", whose embedding is the text encoder's c_∅).
 
-The result is a pipeline folder (unet/, scheduler/, conditioning.json) that distill.py reads as --teacher.
+The result is a pipeline folder (unet/, scheduler/, and conditioning.json for toy labels or a copy of the
+frozen text encoder in text_encoder/ + tokenizer/) that distill.py reads as --teacher.
 Same DDP / checkpoint / resume / logging machinery as distill.py (engine.py).
 
 Run:   python train.py --preset toy                         (CPU, minutes)
        torchrun --nproc_per_node=8 train.py --preset cifar10 --data cifar10:data/cifar10
+       torchrun --nproc_per_node=8 train.py --preset t2i_small --data path/to/captions --text-encoder openai/clip-vit-base-patch32
 """
 import argparse
 import copy
@@ -24,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import engine
-from conditioning import LabelEncoder
+from conditioning import LabelEncoder, TextEncoder
 from data import TOY_CLASSES, Source
 from pipeline import encode_prompts, save_pipeline
 from schedule import VPSchedule
@@ -35,7 +38,9 @@ from unet import CONFIGS, UNet
 class TrainConfig:
     unet: str = "toy"  # a name in unet.CONFIGS or a path to a diffusers config.json
     schedule: str = "scaled_linear"  # β kind (schedule.py); the toy uses SD's, see README
-    data: str = "toy"
+    data: str = "toy"  # "toy" | "cifar10:<root>" | image–caption folder (needs text_encoder)
+    text_encoder: str = ""  # a frozen transformers text encoder (folder or hub id) for caption data
+    image_size: int = 0  # pixels; 0: the U-Net config's sample_size
     out: str = "runs/toy/teacher"
     steps: int = 2500
     global_batch: int = 128
@@ -61,6 +66,12 @@ TRAIN_PRESETS = {
     "cifar10": TrainConfig(unet="ddpm_cifar10", schedule="linear", data="cifar10:data/cifar10", out="runs/cifar10/teacher",
                            steps=800_000, lr=2e-4, warmup=5000, cond_drop=0.0, ema_decay=0.9999, toy_images=0,
                            log_every=500, ckpt_every=10_000, bf16=True),
+    # A small text-to-image teacher in pixel space, 32×32 (--image-size 64 for 64×64), on an image–caption folder,
+    # conditioned on a frozen CLIP text tower (any transformers encoder works: its width sets cross_attention_dim).
+    "t2i_small": TrainConfig(unet="t2i_small", data="data/captions", text_encoder="openai/clip-vit-base-patch32",
+                             out="runs/t2i_small/teacher", steps=100_000, global_batch=256, micro_batch=128, lr=2e-4,
+                             warmup=1000, cond_drop=0.1, ema_decay=0.9999, toy_images=0, log_every=200,
+                             ckpt_every=5000, bf16=True),
 }
 
 
@@ -76,13 +87,24 @@ def drop_labels(labels: torch.Tensor, p: float, g: torch.Generator) -> torch.Ten
     return torch.where(drop, torch.full_like(labels, -1), labels)
 
 
-def build_unet(name: str) -> UNet:
+def drop_captions(captions: list[str], p: float, g: torch.Generator) -> list[str]:
+    """Captions → "" (the null condition: c_∅ is the empty prompt's embedding) with probability p."""
+    drop = torch.rand(len(captions), generator=g) < p
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def build_unet(name: str, **overrides) -> UNet:
+    """A fresh U-Net from a config name or a config.json, fields overridden (sample_size, cross_attention_dim)."""
     if name in CONFIGS:
-        return UNet.from_config_name(name)
-    if os.path.isfile(name):
+        config = CONFIGS[name]
+    elif os.path.isfile(name):
         with open(name) as f:
-            return UNet(json.load(f))
-    raise ValueError(f"--unet must be one of {', '.join(CONFIGS)} or a config.json path, got {name!r}")
+            config = json.load(f)
+    else:
+        raise ValueError(f"--unet must be one of {', '.join(CONFIGS)} or a config.json path, got {name!r}")
+    if overrides.get("cross_attention_dim") and config.get("_class_name") != "UNet2DConditionModel":
+        raise ValueError(f"--text-encoder needs a text-conditioned U-Net (UNet2DConditionModel); {name} is not one")
+    return UNet({**config, **overrides})
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, str]:
@@ -91,6 +113,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
     p.add_argument("--preset", default="toy", help=f"one of {', '.join(TRAIN_PRESETS)} (default: toy)")
     helps = {"unet": "U-Net config name or config.json", "schedule": "β schedule: linear | scaled_linear | cosine",
              "data": "toy | cifar10:<root> | image–caption folder", "out": "output folder (the teacher pipeline)",
+             "text_encoder": "frozen transformers text encoder (folder or hub id) for caption data; copied into the teacher",
+             "image_size": "image size in pixels (0: the U-Net config's sample_size)",
              "steps": "training iterations", "global_batch": "samples per iteration over all processes",
              "micro_batch": "samples per forward per process", "lr": "Adam learning rate", "warmup": "linear warm-up steps",
              "cond_drop": "condition dropout probability (CFG)", "ema_decay": "EMA decay",
@@ -118,14 +142,24 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     device = dist.device
     accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
     schedule = VPSchedule(cfg.schedule)
-    model = build_unet(cfg.unet).to(device).train()
+    captions = cfg.data != "toy" and not cfg.data.startswith("cifar10")
+    if captions and not cfg.text_encoder:
+        raise ValueError(f"caption data {cfg.data} needs --text-encoder (a transformers text encoder folder or hub id)")
+    if cfg.text_encoder and not captions:
+        raise ValueError(f"--text-encoder needs an image–caption folder as --data, got {cfg.data!r}")
+    # a frozen text encoder (captions → (B, L, D) tokens); its width D sets the U-Net's cross-attention
+    encoder = TextEncoder.from_pretrained(cfg.text_encoder).to(device) if cfg.text_encoder else None
+    overrides = {"sample_size": cfg.image_size} if cfg.image_size else {}
+    if encoder is not None:
+        overrides["cross_attention_dim"] = encoder.dim
+    model = build_unet(cfg.unet, **overrides).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    encoder = None
-    if model.is_conditional:
+    if model.is_conditional and encoder is None:
         if cfg.data != "toy":
-            raise ValueError("text-conditioned teacher training from captions is not available yet; use --data toy")
+            raise ValueError(f"--unet {cfg.unet} is text-conditioned: train it on an image–caption folder with --text-encoder")
         encoder = LabelEncoder(len(TOY_CLASSES), model.config["cross_attention_dim"], cfg.label_seed, TOY_CLASSES).to(device)
-    source = Source(cfg.data, toy_images=cfg.toy_images, toy_size=cfg.toy_size, seed=cfg.seed)
+    source = Source(cfg.data, toy_images=cfg.toy_images, toy_size=cfg.toy_size, seed=cfg.seed,
+                    size=model.config["sample_size"])
     if not source.has_images:
         raise ValueError(f"{cfg.data} has no images to train a teacher on")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -157,6 +191,8 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
         eps_all = torch.randn(images.shape, generator=g)
         if torch.is_tensor(prompts):
             prompts = drop_labels(prompts, cfg.cond_drop, g)
+        elif prompts is not None:
+            prompts = drop_captions(prompts, cfg.cond_drop, g)
         total = 0.0
         for m in range(accum):
             start = (m * dist.world + dist.rank) * cfg.micro_batch

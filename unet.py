@@ -69,6 +69,24 @@ CONFIGS = {
         "flip_sin_to_cos": True,
         "freq_shift": 0,
     },
+    # A small pixel-space text-to-image teacher (train.py --preset t2i_small): 32x32 (or 64x64, --image-size) RGB,
+    # cross-attention at 16x16, 8x8 and in the mid block to a frozen text encoder's tokens; train.py sets
+    # cross_attention_dim to the encoder's width (512: CLIP ViT-B/32's text tower). 4 heads. 25.9M parameters.
+    "t2i_small": {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [64, 128, 256],
+        "layers_per_block": 2,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 512,
+        "norm_num_groups": 32,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    },
     # google/ddpm-cifar10-32 (Ho et al. 2020), 35.7M parameters.
     "ddpm_cifar10": {
         "_class_name": "UNet2DModel",

@@ -90,11 +90,16 @@ class ToyJudge:
                 "label_acc": label_accuracy(self.classifier, images, labels)}
 
 
-def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str, scale: int = 4) -> None:
-    """Rows = methods, columns = the same seeds and prompts; pixels upscaled (nearest) so 16×16 is visible,
-    with the method's name drawn left of each row."""
+def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str) -> None:
+    """Rows = methods, columns = the same seeds and prompts, the method's name left of each row. Small
+    images are upscaled (nearest) so 16×16 is visible; large ones are shown at 128 px."""
     from PIL import Image, ImageDraw
-    cell = rows[0][1].shape[-1] * scale
+    size = rows[0][1].shape[-1]
+    if size > 128:
+        rows = [(name, F.interpolate(imgs.float(), size=(128, 128), mode="area")) for name, imgs in rows]
+        size = 128
+    scale = max(1, 64 // size)
+    cell = size * scale
     cols = rows[0][1].shape[0]
     label_w, pad = 190, 2
     canvas = Image.new("RGB", (label_w + cols * (cell + pad), len(rows) * (cell + pad)), "white")

@@ -1,0 +1,106 @@
+"""bench.py: the --quick smoke run finishes, writes its Markdown and JSON tables with the machine in the header,
+and every section holds the rows it promises with positive numbers. No timing assertions: speed depends on
+the machine and its load. Plus the work accounting behind the GPU projection, checked by hand."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import distill
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numbers(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out), "--threads", "1", "--device", "cpu"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return p, out
+
+
+def test_quick_run_writes_markdown_and_json(quick):
+    p, out = quick
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    md = (out / "bench_results.md").read_text()
+    res = json.loads((out / "bench_results.json").read_text())
+    m = res["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and m["threads"] == 1 and m["torch"] == torch.__version__
+    assert m["device"] == "cpu" and m["dtype"] == "float32" and m["quick"] is True
+    assert m["cpu"] in md and torch.__version__ in md and "float32" in md
+    assert list(res["sections"]) == list(bench.SECTIONS)
+    for tables in res["sections"].values():
+        for t in tables:
+            assert t["title"] in md and t["rows"]
+            for row in t["rows"]:
+                for k, v in numbers(row).items():  # only the U-Nets' output difference may be exactly 0
+                    assert v >= 0 if k == "max |Δ| fwd" else v > 0, (t["title"], row, k)
+
+
+def test_sampling_rows(quick):
+    rows = json.loads((quick[1] / "bench_results.json").read_text())["sections"]["sampling"][0]["rows"]
+    toy = {r["sampler"]: r for r in rows if r["U-Net"] == "toy"}
+    assert len(toy) == 5 and toy["teacher DPM++(2M) 25 steps"]["NFE/image"] == 50  # 25 steps × CFG
+    assert toy["student 3 steps"]["ideal"] == pytest.approx(50 / 3)
+    for r in toy.values():
+        assert r["images/s"] == pytest.approx(1000 / r["ms/image"])
+        assert r["measured/ideal"] == pytest.approx(r["speed-up"] / r["ideal"])
+    if not torch.cuda.is_available():
+        assert {r["U-Net"] for r in rows if r.get("note") == bench.NO_GPU} == {"ddpm_cifar10", "sd15"}
+
+
+def test_unet_rows_compare_the_same_weights(quick):
+    rows = json.loads((quick[1] / "bench_results.json").read_text())["sections"]["unet"][0]["rows"]
+    measured = [r for r in rows if "ours img/s" in r]
+    assert {(r["U-Net"], r["pass"]) for r in measured} == {(n, p) for n in ("toy", "ddpm_cifar10", "sd15_small")
+                                                           for p in ("forward", "forward+backward")}
+    for r in measured:
+        assert r["max |Δ| fwd"] < 1e-4  # diffusers' twin really holds our weights
+        assert r["ours/diffusers"] == pytest.approx(r["ours img/s"] / r["diffusers img/s"])
+
+
+def test_distill_breakdown_adds_up(quick):
+    tables = json.loads((quick[1] / "bench_results.json").read_text())["sections"]["distill"]
+    rows = tables[0]["rows"]
+    assert [r["piece"] for r in rows] == [label for _, label in bench.PIECES] + ["total train_step"]
+    total = rows[-1]
+    assert sum(r["mean ms"] for r in rows[:-1]) == pytest.approx(total["mean ms"], rel=1e-6)
+    assert total["share %"] == pytest.approx(100)
+    assert rows[0]["t=999 ms"] < rows[0]["t=500 ms"]  # no rollout at t = T; two student steps at t = 500
+    switches = {r["switch"]: r for r in tables[-1]["rows"]}
+    assert "CFG in the teacher target" in switches
+    if not torch.cuda.is_available():
+        assert switches["gradient checkpointing"]["note"] == "not measured on CPU"
+
+
+def test_scaling_rows(quick):
+    scaling, projection = json.loads((quick[1] / "bench_results.json").read_text())["sections"]["scaling"]
+    assert [r["processes"] for r in scaling["rows"]] == [1, 2]
+    assert len({r["global batch"] for r in scaling["rows"]}) == 1  # same global batch
+    presets = {r["preset"]: r for r in projection["rows"]}
+    assert set(presets) == {"toy", "cifar10", "t2i"} and "PROJECTION" in projection["notes"][0]
+    assert presets["t2i"]["U-Net GFLOP/fwd"] > presets["cifar10"]["U-Net GFLOP/fwd"] > presets["toy"]["U-Net GFLOP/fwd"]
+
+
+def test_work_per_iteration_is_counted_by_hand():
+    # toy: rollout 0/1/2 student steps for t = 999/750/500 → 1; student 1 + 2; teacher k = 8 × CFG 2 = 16;
+    # discriminator G 1 + 1, D 2 × (1 + 2)
+    assert bench.nfe_per_sample(distill.PRESETS["toy"], conditional=True) == (1 + 3 + 16, 2 + 6)
+    # cifar10: unconditional, so no CFG; t2i: gradient checkpointing recomputes each trained forward once
+    assert bench.nfe_per_sample(distill.PRESETS["cifar10"], conditional=False) == (1 + 3 + 8, 2 + 6)
+    assert bench.nfe_per_sample(distill.PRESETS["t2i"], conditional=True) == (1 + 4 + 16, 3 + 8)
+
+
+def test_flop_count_of_a_linear_layer():
+    with torch.device("meta"):
+        layer, x = torch.nn.Linear(16, 32, bias=False), torch.randn(4, 16)
+    assert bench.count_flops(lambda: layer(x)) == 2 * 4 * 16 * 32

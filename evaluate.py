@@ -217,12 +217,14 @@ def reference_features(model, reference: str | None, toy: bool, teacher, n: int,
 # --------------------------------------------------------------------------------------------------
 # the paper's Table 3 at toy scale
 # --------------------------------------------------------------------------------------------------
-ABLATIONS = [  # (row name, distill.py flags)
-    ("Imagine Flash (full)", []),
+ABLATIONS = [  # (row name, distill.py flags on top of the preset); the toy preset's target is plain Eq. 7
+    ("Imagine Flash, demo preset (Eq. 7 target)", []),
+    ("SRL (Eq. 8), paper γ 990/950/200", ["--recon", "srl", "--gamma", "900:990,500:950,-1:200"]),
+    ("SRL (Eq. 8), SNR-matched γ 603/536/9", ["--recon", "srl", "--gamma", "900:603,500:536,-1:9"]),
     ("w/o noise correction", ["--no-noise-correction"]),
     ("w/o discriminator", ["--disc", "none"]),
-    ("w/o backward distillation", ["--no-backward"]),
-    ("w/o SRL (discriminator only)", ["--recon", "none"]),
+    ("w/o backward distillation (Eq. 6)", ["--no-backward"]),
+    ("w/o reconstruction (discriminator only)", ["--recon", "none"]),
 ]
 
 
@@ -230,7 +232,7 @@ def ablation(args, device) -> None:
     import distill
     results = []
     for name, flags in ABLATIONS:
-        out = os.path.join(args.out, name.split(" (")[0].replace(" ", "_").replace("/", ""))
+        out = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
         tqdm.write(f"ablation: {name}: distill.py {' '.join(flags)}")
         if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
             distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, *flags, *args.distill_args]),

@@ -45,5 +45,5 @@ def make_dinov2(folder: str, seed: int = 0) -> str:
 
 def tiny_args(teacher: str, out: str, *extra: str) -> list[str]:
     """Command-line flags for a seconds-long toy distillation with the tiny teacher."""
-    return ["--preset", "toy", "--teacher", teacher, "--out", out, "--toy-size", str(SIZE), "--toy-images", "64",
+    return ["--preset", "toy", "--recon", "srl", "--teacher", teacher, "--out", out, "--toy-size", str(SIZE), "--toy-images", "64",
             "--global-batch", "4", "--micro-batch", "4", "--log-every", "1", "--device", "cpu", *extra]

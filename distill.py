@@ -20,12 +20,9 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
-import sys
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -466,16 +463,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
 
 
 def main(argv=None) -> None:
-    cfg, preset = parse_args(argv)
-    dist = engine.setup_distributed(cfg.device)
-    torch.manual_seed(cfg.seed * 1000 + dist.rank)
-    try:
-        run(cfg, preset, dist)
-    except (FileNotFoundError, ValueError) as e:
-        engine.print0(f"error: {str(e).splitlines()[0]}")
-        engine.cleanup_distributed()
-        sys.exit(2)
-    engine.cleanup_distributed()
+    engine.launch(run, *parse_args(argv))
 
 
 def run(cfg: Config, preset: str, dist: engine.Dist) -> "Distiller":

@@ -12,6 +12,7 @@ Running one training script at every scale: shared by train.py (teacher) and dis
 """
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -63,6 +64,20 @@ def barrier() -> None:
 def print0(*args, **kwargs) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def launch(run, cfg, preset: str) -> None:
+    """The `main` of train.py and distill.py: processes, per-rank seed, run(cfg, preset, dist). Bad input
+    (a missing file, a config that does not fit) ends every rank with one `error: …` line and exit code 2."""
+    dist = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed * 1000 + dist.rank)
+    try:
+        run(cfg, preset, dist)
+    except (FileNotFoundError, ValueError) as e:
+        print0(f"error: {str(e).splitlines()[0]}")
+        cleanup_distributed()
+        sys.exit(2)
+    cleanup_distributed()
 
 
 def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:

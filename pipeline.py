@@ -126,7 +126,11 @@ def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Modul
     if isinstance(encoder, TextEncoder) and base is None:  # a teacher of our own: carry its text encoder along
         encoder.model.save_pretrained(os.path.join(path, "text_encoder"))
         encoder.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-    if base is not None and os.path.abspath(base) != os.path.abspath(path):
+    # point back to the teacher only for what the student folder lacks (a VAE or a text encoder): a toy
+    # student with a label encoder stands alone and can be moved freely
+    needs_base = base is not None and (not os.path.isdir(base) or any(
+        os.path.isdir(os.path.join(base, d)) for d in ("vae", "text_encoder", "tokenizer")))
+    if needs_base and os.path.abspath(base) != os.path.abspath(path):
         with open(os.path.join(path, "pipeline.json"), "w") as f:
             json.dump({"base": os.path.abspath(base) if os.path.isdir(base) else base}, f, indent=2)
 

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -228,16 +227,7 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
 
 
 def main(argv=None) -> None:
-    cfg, preset = parse_args(argv)
-    dist = engine.setup_distributed(cfg.device)
-    torch.manual_seed(cfg.seed * 1000 + dist.rank)
-    try:
-        run(cfg, preset, dist)
-    except (FileNotFoundError, ValueError) as e:
-        engine.print0(f"error: {str(e).splitlines()[0]}")
-        engine.cleanup_distributed()
-        sys.exit(2)
-    engine.cleanup_distributed()
+    engine.launch(run, *parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -284,8 +284,6 @@ class Distiller:
         self.student = copy.deepcopy(self.teacher).float().train().requires_grad_(True)
         self.student.gradient_checkpointing = cfg.grad_ckpt
         self.ema = copy.deepcopy(self.student).eval().requires_grad_(False)
-        if cfg.bf16 and device.type == "cuda":
-            self.teacher.to(torch.bfloat16)
 
         self.latent_shape = pipe.latent_shape()
         image_size = self.latent_shape[-1] * pipe.autoencoder.downscale  # the teacher's pixel resolution
@@ -295,7 +293,6 @@ class Distiller:
                              "(use --disc none, or an image–caption folder)")
         if cfg.latent_cache:  # the VAE runs over the caption folder once; get() then returns latents
             self.source.use_latents(cfg.latent_cache, pipe.autoencoder, dist, cfg.micro_batch)
-
         self.disc = None
         if cfg.disc == "unet":
             self.disc = UNetDiscriminator(self.teacher).float().to(device)
@@ -303,6 +300,14 @@ class Distiller:
         elif cfg.disc == "projected":
             cond_dim = pipe.encoder.dim if pipe.encoder is not None else None
             self.disc = ProjectedDiscriminator.from_pretrained(cfg.disc_vit, cond_dim=cond_dim).to(device)
+
+        # at scale the frozen networks (teacher, VAE, text encoder) run in bf16: half the memory and bandwidth.
+        # Cast last: the latent cache is fingerprinted and the discriminator copied from fp32 weights. What the
+        # frozen networks produce is cast back to fp32 where trainable networks read it.
+        self.frozen_dtype = torch.bfloat16 if (cfg.bf16 and device.type == "cuda") else torch.float32
+        for frozen in (self.teacher, pipe.autoencoder, pipe.encoder):
+            if frozen is not None:
+                frozen.to(self.frozen_dtype)
 
         self.opt_g = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
         self.opt_d = (torch.optim.Adam([p for p in self.disc.parameters() if p.requires_grad], lr=cfg.lr_disc,
@@ -329,7 +334,7 @@ class Distiller:
             yield m, slice(start, start + b)
 
     def decode(self, z):
-        return self.pipe.autoencoder.decode(z)  # identity in pixel space
+        return self.pipe.autoencoder.decode(z.to(self.frozen_dtype)).float()  # identity in pixel space
 
     def train_step(self) -> dict:
         cfg, device, step = self.cfg, self.dist.device, self.step
@@ -347,9 +352,12 @@ class Distiller:
             with torch.no_grad():
                 # the prompts' embeddings, once per micro-batch: student, teacher and discriminator share them
                 cond, null_cond = encode_prompts(self.pipe.encoder, prompts, device)
+                if cond is not None:
+                    cond, null_cond = cond.float(), null_cond.float()
                 x0_real = None
                 if images is not None:  # real data in the diffusion space: cached latents, or encoded now
-                    x0_real = images.to(device) if self.source.encoded else self.pipe.autoencoder.encode(images.to(device))
+                    x0_real = images.to(device) if self.source.encoded else \
+                        self.pipe.autoencoder.encode(images.to(device, self.frozen_dtype)).float()
             with engine.autocast(self.dist, cfg.bf16):
                 if cfg.backward:  # step 2
                     x_t = backward_rollout(engine.unwrap(self.student_ddp), self.schedule, d["x_T"], cond, t,
@@ -403,6 +411,7 @@ class Distiller:
         else:
             prompts = None
         cond, _ = encode_prompts(self.pipe.encoder, prompts, self.dist.device)
+        cond = cond.float() if cond is not None else None
         x = sample(eps_fn_for(self.ema, cond), self.schedule, x_T, list(self.cfg.timesteps),
                    noise_correction=self.cfg.noise_correction)
         return self.decode(x).clamp(-1, 1)

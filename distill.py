@@ -509,7 +509,7 @@ def run(cfg: Config, preset: str, dist: engine.Dist) -> "Distiller":
     bar.close()
     if dist.main:
         save_pipeline(os.path.join(cfg.out, "student"), distiller.ema, distiller.schedule, distiller.pipe.encoder,
-                      base=distiller.pipe.path)
+                      base=distiller.pipe.path, timesteps=list(cfg.timesteps))
         engine.print0(f"student (EMA) written to {os.path.join(cfg.out, 'student')}")
     engine.barrier()
     return distiller

@@ -34,13 +34,23 @@ def methods(cfg_scale: float, student_ts: dict) -> list[dict]:
     """The rows: who samples, with which sampler, timesteps, guidance and noise correction."""
     rows = [dict(name="teacher DPM++ 25 steps", model="teacher", solver="dpm++", timesteps=linspace(25), cfg=cfg_scale),
             dict(name="teacher DDIM 3 steps", model="teacher", solver="ddim", timesteps=trailing(3), cfg=cfg_scale)]
-    for n in (1, 2, 3):
+    for n in sorted(student_ts):
         rows.append(dict(name=f"student {n} step{'s' if n > 1 else ''}", model="student", solver="ddim",
                          timesteps=student_ts[n], cfg=1.0, nc=True))
-    for n in (2, 3):
+    for n in sorted(n for n in student_ts if n > 1):
         rows.append(dict(name=f"student {n} steps w/o NC", model="student", solver="ddim", timesteps=student_ts[n],
                          cfg=1.0, nc=False))
     return rows
+
+
+def timesteps_of(student) -> dict:
+    """{n: timesteps} for the student rows. A student from distill.py records the timesteps it was trained on
+    (pipeline.json); every prefix of them is a sampler it was trained for (training draws t from all of them, and
+    the loss at each t is on x̂_0 from there), so n steps = the first n. Otherwise the paper's sets."""
+    if student is not None and student.timesteps:
+        ts = list(student.timesteps)
+        return {n: ts[:n] for n in range(1, len(ts) + 1)}
+    return {n: student_timesteps(n) for n in (1, 2, 3)}
 
 
 @torch.no_grad()
@@ -151,7 +161,7 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         prompts = None
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(n, *teacher.latent_shape(), generator=g)  # the same noise for every method
-    student_ts = {k: student_timesteps(k) for k in (1, 2, 3)}
+    student_ts = timesteps_of(student)
 
     judge = ToyJudge(teacher.latent_shape()[-1], os.path.join(out, "toy_classifier.safetensors")) if toy else None
     fid_model, fid_ref = None, None
@@ -172,7 +182,7 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         if pipe is None:
             continue
         images, spi = generate(pipe, row, x_T, prompts, batch_size, device)
-        r = {"method": row["name"], "nfe": nfe(row), "sec_per_image": spi}
+        r = {"method": row["name"], "nfe": nfe(row), "timesteps": list(row["timesteps"]), "sec_per_image": spi}
         if judge is not None:
             r.update(judge(images, prompts))
         if fid_model is not None:
@@ -286,9 +296,12 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    student_rows = [r for r in results if r["method"].startswith("student")]
+    ts = max((r["timesteps"] for r in student_rows), key=len, default=None)
     table = write_table(results, os.path.join(args.out, "results.md"),
-                        f"teacher {args.teacher}, student {args.student}, {args.n} samples per method, "
-                        f"teacher CFG {args.cfg_scale}")
+                        f"teacher {args.teacher}, student {args.student}"
+                        + (f" (timesteps {', '.join(map(str, ts))}; n steps = the first n)" if ts else "")
+                        + f", {args.n} samples per method, teacher CFG {args.cfg_scale}")
     print(table)
     print(f"picture: {os.path.join(args.out, 'grid.png')}   table: {os.path.join(args.out, 'results.md')} (+ .json)")
 

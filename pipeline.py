@@ -9,7 +9,8 @@ A teacher or a student on disk: a diffusers-style folder that holds everything n
       text_encoder/, tokenizer/   a transformers text encoder (SD-1.5: CLIP ViT-L/14)   or
       conditioning.json           the toy preset's label encoder                          or neither: unconditional
       pipeline.json  optional: {"base": other folder} to take vae/ and the text encoder from (a student exported
-                     from an SD-1.5 teacher points back at the teacher instead of copying 600 MB)
+                     from an SD-1.5 teacher points back at the teacher instead of copying 600 MB), and
+                     {"timesteps": [...]}: a distilled student's inference timesteps (what it was trained on)
 
 train.py writes a teacher in this layout (with a COPY of its frozen text encoder in text_encoder/ + tokenizer/,
 so the folder stands alone), distill.py a student; evaluate.py reads both.
@@ -34,6 +35,7 @@ class Pipeline:
     encoder: nn.Module | None  # prompts → (B, L, D) token embeddings, or None (unconditional)
     autoencoder: nn.Module  # Identity in pixel space
     path: str = ""
+    timesteps: list[int] | None = None  # a student's own inference timesteps (pipeline.json), None for a teacher
 
     def to(self, device, dtype=None) -> "Pipeline":
         self.unet.to(device)
@@ -69,14 +71,20 @@ def resolve(path: str) -> str:
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _base(path: str) -> str:
+def _meta(path: str) -> dict:
     meta = os.path.join(path, "pipeline.json")
-    if os.path.isfile(meta):
+    if not os.path.isfile(meta):
+        return {}
+    try:
         with open(meta) as f:
-            base = json.load(f).get("base")
-        if base:
-            return resolve(base)
-    return path
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta} is not valid JSON ({e})") from None
+
+
+def _base(path: str) -> str:
+    base = _meta(path).get("base")
+    return resolve(base) if base else path
 
 
 def load_encoder(path: str) -> nn.Module | None:
@@ -109,13 +117,15 @@ def load_pipeline(path: str, need_vae: bool | None = None) -> Pipeline:
     encoder = load_encoder(path)
     if unet.is_conditional and encoder is None:
         raise FileNotFoundError(f"{path} has a conditional U-Net but no text_encoder/+tokenizer/ or conditioning.json")
-    return Pipeline(unet, schedule, encoder, autoencoder.eval().requires_grad_(False), path)
+    timesteps = _meta(path).get("timesteps")
+    return Pipeline(unet, schedule, encoder, autoencoder.eval().requires_grad_(False), path, timesteps)
 
 
-def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Module | None, base: str | None = None) -> None:
+def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Module | None, base: str | None = None,
+                  timesteps: list[int] | None = None) -> None:
     """Write unet/ and scheduler/ (+ conditioning.json for a label encoder, or pipeline.json → base for
     the VAE and text encoder of a real teacher, or, with no base, a copy of a text encoder in text_encoder/ +
-    tokenizer/). The U-Net is saved in diffusers' layout, so the result also loads with diffusers'
+    tokenizer/); a student's timesteps go to pipeline.json too. The U-Net is saved in diffusers' layout, so the result also loads with diffusers'
     UNet2DConditionModel / UNet2DModel.from_pretrained(path, subfolder="unet")."""
     os.makedirs(path, exist_ok=True)
     unet.save_pretrained(os.path.join(path, "unet"))
@@ -130,9 +140,14 @@ def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Modul
     # student with a label encoder stands alone and can be moved freely
     needs_base = base is not None and (not os.path.isdir(base) or any(
         os.path.isdir(os.path.join(base, d)) for d in ("vae", "text_encoder", "tokenizer")))
+    meta = {}
     if needs_base and os.path.abspath(base) != os.path.abspath(path):
+        meta["base"] = os.path.abspath(base) if os.path.isdir(base) else base
+    if timesteps is not None:
+        meta["timesteps"] = [int(t) for t in timesteps]
+    if meta:
         with open(os.path.join(path, "pipeline.json"), "w") as f:
-            json.dump({"base": os.path.abspath(base) if os.path.isdir(base) else base}, f, indent=2)
+            json.dump(meta, f, indent=2)
 
 
 def encode_prompts(encoder: nn.Module | None, prompts, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:

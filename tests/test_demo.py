@@ -1,0 +1,58 @@
+"""The demo's three commands at tiny size, through the command line as `make demo` runs them:
+train.py (toy teacher) → distill.py (student on its own timesteps) → evaluate.py (picture + table)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import load_pipeline
+from toyteacher import SIZE, TINY, tiny_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    config = root / "tiny_unet.json"
+    config.write_text(json.dumps(TINY))
+    teacher, distilled, ev = root / "teacher", root / "distill", root / "eval"
+    run("train.py", "--preset", "toy", "--unet", str(config), "--toy-size", str(SIZE), "--toy-images", "64",
+        "--steps", "3", "--global-batch", "8", "--micro-batch", "8", "--warmup", "1", "--log-every", "1",
+        "--ckpt-every", "3", "--out", str(teacher), "--device", "cpu")
+    run("distill.py", *tiny_args(str(teacher), str(distilled), "--steps", "2", "--timesteps", "999,500"))
+    p = run("evaluate.py", "--teacher", str(teacher), "--student", str(distilled / "student"), "--out", str(ev),
+            "--n", "24", "--batch-size", "12", "--device", "cpu")
+    return teacher, distilled, ev, p
+
+
+def test_train_writes_a_teacher_pipeline(demo):
+    teacher = load_pipeline(str(demo[0]))
+    assert teacher.unet.config["sample_size"] == SIZE and teacher.encoder is not None
+    assert teacher.timesteps is None  # a teacher has no timesteps of its own
+
+
+def test_student_records_its_timesteps(demo):
+    assert load_pipeline(str(demo[1] / "student")).timesteps == [999, 500]
+
+
+def test_evaluate_writes_picture_and_table_for_the_trained_timesteps(demo):
+    _, _, ev, p = demo
+    assert (ev / "grid.png").is_file() and (ev / "results.md").is_file()
+    rows = {r["method"]: r for r in json.loads((ev / "results.json").read_text())}
+    # a student trained on (999, 500) is evaluated at 1 step = (999) and 2 steps = (999, 500), nothing else
+    assert {"real images", "teacher DPM++ 25 steps", "teacher DDIM 3 steps", "student 1 step", "student 2 steps",
+            "student 2 steps w/o NC"} == set(rows)
+    assert rows["student 2 steps"]["nfe"] == 2 and rows["teacher DPM++ 25 steps"]["nfe"] == 50
+    for r in rows.values():
+        assert 0.0 <= r["label_acc"] <= 1.0 and r["toy_fd"] >= 0.0
+    assert "timesteps 999, 500;" in p.stdout  # the table's header names the timesteps

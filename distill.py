@@ -495,7 +495,9 @@ def run(cfg: Config, preset: str, dist: engine.Dist) -> "Distiller":
     bar = tqdm(total=cfg.steps, initial=distiller.step, desc="distill", disable=not dist.main, leave=False)
     while distiller.step < cfg.steps:
         logs = distiller.train_step()
-        logs.pop("t")
+        t = logs.pop("t")
+        if "recon" in logs:  # the reconstruction loss at each of the student's timesteps: which step is learnt
+            logs[f"recon@{t}"] = logs["recon"]
         logger.add(**logs)
         bar.update(1)
         logger.maybe_print(distiller.step, dist.device)

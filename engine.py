@@ -201,23 +201,26 @@ def load_state(path: str, modules: dict, optimizers: dict) -> dict:
 # logging
 # --------------------------------------------------------------------------------------------------
 class Logger:
-    """One fixed-width line every `every` steps: step, the mean of each loss term since the last line,
-    milliseconds per iteration and peak memory. Also appended to a log file as JSON lines."""
+    """One fixed-width line every `every` steps: step, the mean of each loss term since the last line (over the
+    steps that reported it), milliseconds per iteration and peak memory. Also appended to a log file as JSON lines."""
 
     def __init__(self, every: int, path: str | None = None, total: int | None = None):
         self.every, self.path, self.total = every, path, total
-        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+        self.sums, self.counts, self.count, self.t0 = {}, {}, 0, time.perf_counter()
 
     def add(self, **terms: float) -> None:
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def maybe_print(self, step: int, device: torch.device) -> None:
         if step % self.every and step != self.total:
             return
         ms = 1000 * (time.perf_counter() - self.t0) / max(self.count, 1)
-        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        # plain terms in the order they came, then per-timestep terms ("recon@999", …) by descending t
+        order = sorted(self.sums, key=lambda k: (0, 0) if "@" not in k else (1, -int(k.split("@")[1])))
+        means = {k: self.sums[k] / self.counts[k] for k in order}
         if device.type == "cuda":
             mem = torch.cuda.max_memory_allocated(device) / 2**30
         else:
@@ -229,4 +232,4 @@ class Logger:
         if self.path and (not dist.is_initialized() or dist.get_rank() == 0):
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **means, "ms_per_it": ms, "mem_gb": mem}) + "\n")
-        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+        self.sums, self.counts, self.count, self.t0 = {}, {}, 0, time.perf_counter()

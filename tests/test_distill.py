@@ -3,6 +3,7 @@ hand, gradients only in the network that owns them, γ(t) and the timestep draw,
 resume, 2 processes × b = 1 process × 2b under torchrun, and a command-line smoke run. All on a tiny random
 teacher (tests/toyteacher.py): mechanics, not image quality."""
 import functools
+import json
 import math
 import os
 import socket
@@ -555,6 +556,11 @@ def test_cli_smoke_run(cli_run, teacher):
               "config.json", "log.jsonl"):
         assert (out / f).is_file(), f
     assert "step 2" in p.stdout
+    # log every step: each line has the reconstruction loss once more under the step's own timestep
+    for line in (out / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        per_t = [k for k in rec if k.startswith("recon@")]
+        assert len(per_t) == 1 and int(per_t[0][6:]) in (999, 750, 500) and rec[per_t[0]] == rec["recon"]
     # the exported student is the EMA, and loads back as a pipeline like the teacher
     student = load_pipeline(str(out / "student"))
     state, _ = engine.read_state(str(out / "state.safetensors"))

@@ -9,7 +9,8 @@ Benchmarks: how fast each part of Imagine Flash runs, and how our U-Net compares
                forward and forward + backward images/s, alternating ours/theirs, medians
   3. distill   one distillation iteration (distill.py's Distiller.train_step, timed by wrapping the
                functions it calls) split into rollout, student, teacher target, discriminator, optimizers;
-               peak memory; what batched CFG, gradient checkpointing, a bf16 or compiled teacher buy
+               peak memory; what batched CFG, gradient checkpointing (the activations the student U-Net saves
+               for its backward, counted on any device), a bf16 or compiled teacher buy
   4. scaling   distill.py's toy preset with 1 and 2 CPU processes (torchrun, gloo) at the same global
                batch, read from log.jsonl; the per-GPU cost of the cifar10 and t2i presets PROJECTED from
                FLOP counts and an assumed sustained throughput
@@ -42,6 +43,7 @@ from unittest import mock
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import distill
@@ -75,6 +77,9 @@ UNET_CASES = {  # (U-Net, batch, torch.compile)
 }
 DISTILL_BATCH = {("cpu", False): 64, ("cpu", True): 4, ("cuda", False): 64, ("cuda", True): 16}  # toy preset: 64
 CIFAR10_DISTILL_BATCH = {False: 128, True: 32}  # GPU only; the cifar10 preset's batch is 128
+# What gradient checkpointing saves (section 3c): DDPM-CIFAR10's batch, small on a CPU for a 35M-parameter net
+# (the toy runs at DISTILL_BATCH)
+CKPT_CIFAR10_BATCH = {("cpu", False): 4, ("cpu", True): 1, ("cuda", False): 128, ("cuda", True): 32}
 # Projection (section 4): sustained bf16 throughput of one GPU. H100 SXM peaks at 989 dense bf16 TFLOP/s;
 # diffusion U-Nets typically sustain 35–50% of it in training.
 ASSUMED_TFLOPS = 400.0
@@ -541,6 +546,63 @@ def cfg_switch_rows(b: Bench, distiller, reps: int) -> list:
              "vs default": 1.0, "note": note}]
 
 
+def saved_for_backward_mb(model: UNet, x, t, cond) -> float:
+    """MB of activations that model(x, t, cond) keeps for its backward, i.e. what gradient checkpointing
+    trades for recomputation: the tensors autograd saves, seen through torch.autograd.graph.saved_tensors_hooks,
+    each storage counted once and whole (views share one), the parameters and inputs left out (they exist
+    anyway). A count, not a peak, so it is the same on any device. Under checkpointing the innermost hooks
+    win: checkpoint's own replace a block's saved tensors by placeholders, so the outer hook sees only what the
+    graph keeps. But checkpoint also holds the block's inputs to recompute from, and those inside a tuple (the
+    up blocks' skips) pass through no hook at all: they are counted from the call's arguments."""
+    present = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    present |= {a.untyped_storage().data_ptr() for a in (x, t, cond) if isinstance(a, torch.Tensor)}
+    saved = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in present:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def checkpoint_keeping_inputs(fn, *args, **kwargs):
+        for arg in args:  # UNet._block passes tensors, and tuples of them
+            for v in arg if isinstance(arg, tuple) else (arg,):
+                if isinstance(v, torch.Tensor):
+                    keep(v)
+        return checkpoint(fn, *args, **kwargs)
+
+    with (mock.patch("unet.checkpoint", checkpoint_keeping_inputs), torch.enable_grad(),
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor)):
+        model(x, t, cond)  # output and graph dropped at once: nothing is kept past this line
+    return sum(saved.values()) / 2**20
+
+
+def checkpointing_rows(b: Bench, name: str, batch: int, reps: int) -> list:
+    """Gradient checkpointing in the student U-Net alone (fp32, train mode), off and on: the MB its forward
+    saves for the backward (saved_for_backward_mb) and the time of one forward + backward."""
+    model = make_unet(name).to(b.device).train()
+    x, t, cond = make_inputs(model, name, batch, b.device, torch.float32)
+    mb, fns = {}, {}
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        mb[ckpt] = saved_for_backward_mb(model, x, t, cond)
+
+        def step(ckpt=ckpt):
+            model.gradient_checkpointing = ckpt  # the fns alternate on one model
+            model(x, t, cond).square().mean().backward()
+            model.zero_grad(set_to_none=True)
+        fns[ckpt] = step
+    ms = {k: 1000 * med(v) for k, v in time_alternating(fns, reps, 1, b.device).items()}
+    print(f"  {name}, batch {batch}: gradient checkpointing keeps {mb[True]:.0f} of {mb[False]:.0f} MB for backward",
+          flush=True)
+    note = f"{name} U-Net alone, batch {batch}, fp32; ms: one forward + backward"
+    return [{"switch": "gradient checkpointing", "setting": "off (default)", "ms": ms[False],
+             "saved-for-backward MB": mb[False], "vs default": 1.0, "note": note},
+            {"switch": "gradient checkpointing", "setting": "on", "ms": ms[True], "saved-for-backward MB": mb[True],
+             "vs default": mb[True] / mb[False],
+             "note": note + f"; saves {mb[False] - mb[True]:.0f} MB for {ms[True] / ms[False]:.2f}× the time"}]
+
+
 def gpu_switch_rows(b: Bench, tmp: str, name: str, preset: str, batch: int, reps: int) -> list:
     """CUDA only: gradient checkpointing (peak memory and time of a whole iteration, bf16 autocast), then the
     teacher target alone with an fp32, a bf16 and a compiled bf16 teacher."""
@@ -592,6 +654,8 @@ def bench_distill(b: Bench, tmp: str) -> list:
     tables = [table("3. One distillation iteration (toy), by piece", list(rows[0]), rows, notes)]
     print(f"  toy, batch {batch}: {1000 / info['it_per_s']:.0f} ms/it", flush=True)
     switches = cfg_switch_rows(b, info.pop("distiller"), 3 if b.quick else 5)
+    for name, n in (("toy", batch), ("ddpm_cifar10", CKPT_CIFAR10_BATCH[b.key])):
+        switches += checkpointing_rows(b, name, n, 1 if b.quick else 3)
     if b.cuda:
         c_batch = CIFAR10_DISTILL_BATCH[b.quick]
         c_info, c_rows = breakdown(b, tmp, "ddpm_cifar10", "cifar10", c_batch, reps)
@@ -602,11 +666,17 @@ def bench_distill(b: Bench, tmp: str) -> list:
                             list(c_rows[0]), c_rows, c_notes))
         switches += gpu_switch_rows(b, tmp, "ddpm_cifar10", "cifar10", c_batch, 3 if b.quick else 5)
     else:
-        switches += [{"switch": "gradient checkpointing", "setting": "memory saved", "note": "not measured on CPU"},
+        switches += [{"switch": "gradient checkpointing", "setting": "whole iteration, peak MB", "note": NO_GPU},
                      {"switch": "teacher in bf16", "note": NO_GPU}, {"switch": "torch.compile teacher", "note": NO_GPU}]
-    tables.append(table("3c. What each switch buys", ["switch", "setting", "ms", "peak MB", "vs default", "note"],
-                        switches, ["'vs default': time of the default ÷ time of the row (> 1: faster than the "
-                                   "default); for checkpointing, peak memory of the row ÷ peak memory without it"]))
+    tables.append(table("3c. What each switch buys",
+                        ["switch", "setting", "ms", "saved-for-backward MB", "peak MB", "vs default", "note"], switches,
+                        ["'vs default': time of the default ÷ time of the row (> 1: faster than the default); for "
+                         "gradient checkpointing, memory of the row ÷ memory without it (< 1: less memory)",
+                         "saved-for-backward MB: the activations the U-Net's forward keeps for its backward, which "
+                         "checkpointing recomputes instead: tensors saved by autograd (saved_tensors_hooks), each "
+                         "storage once, parameters and inputs excluded, plus the block inputs checkpointing holds. "
+                         "A count, not a peak: the same on any device",
+                         "peak MB (GPU only): torch.cuda.max_memory_allocated over a whole distillation iteration"]))
     return tables
 
 

@@ -55,6 +55,7 @@ class Config:
     timesteps: tuple = (999, 750, 500)  # the student's inference timesteps; training t is drawn from them
     noise_correction: bool = True  # Eq. 9 in the rollout (and at inference)
     recon: str = "srl"  # "srl" (Eq. 8) | "plain" (Eq. 7) | "none" (discriminator only)
+    recon_weight: str = "x0"  # "x0": the paper's ‖·‖² on x̂_0 at every t | "snr": × α_t²/σ_t² (the same error in ε̂)
     backward: bool = True  # False: forward-noised data x_t (Eq. 6) instead of the backward rollout
     k: int = 8  # teacher steps in the target
     cfg_scale: float = 2.0  # guidance of the teacher's target (the student runs without CFG)
@@ -170,9 +171,21 @@ def srl_target(teacher, schedule, x0_student, eps_prime, t, gamma, k, cond, null
     return teacher_x0(teacher, schedule, chi, g, k, cond, null_cond, cfg_scale)
 
 
-def reconstruction_loss(x0_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(x0_hat: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     # ‖target − x̂_0^Θ‖², mean over pixels: one value per sample (B,)
-    return (target - x0_hat).pow(2).flatten(1).mean(1)
+    return weight * (target - x0_hat).pow(2).flatten(1).mean(1)
+
+
+def recon_weight(kind: str, schedule: VPSchedule, t: int) -> float:
+    """The reconstruction loss's weight at t. "x0" (the paper): 1. "snr": α_t²/σ_t², which turns the x̂_0 error
+    into the ε̂ error behind it (x̂_0 = (x_t − σ_t ε̂)/α_t, so δx̂_0 = −(σ_t/α_t) δε̂). Why it can matter: at t = 999
+    the x̂_0 loss is (σ/α)² ≈ 213× the ε̂ loss (scaled_linear), so with the x̂_0 loss the gradients of the t = 999
+    iterations dominate Adam's running scale and the later steps, which make the final image, learn slowly."""
+    if kind == "x0":
+        return 1.0
+    if kind == "snr":
+        return float(schedule.snr(t))
+    raise ValueError(f"unknown recon weight {kind!r}; choose x0 or snr")
 
 
 def snr_matched_gamma(gamma: tuple, factor: float, schedule: VPSchedule) -> tuple:
@@ -217,10 +230,10 @@ def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, 
     terms = {}
     if cfg.recon == "srl":
         target = srl_target(teacher, schedule, x0_hat, eps_prime, t, cfg.gamma, cfg.k, cond, null_cond, cfg.cfg_scale)
-        terms["recon"] = reconstruction_loss(x0_hat, target)
+        terms["recon"] = reconstruction_loss(x0_hat, target, recon_weight(cfg.recon_weight, schedule, t))
     elif cfg.recon == "plain":
         target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
-        terms["recon"] = reconstruction_loss(x0_hat, target)
+        terms["recon"] = reconstruction_loss(x0_hat, target, recon_weight(cfg.recon_weight, schedule, t))
     if disc is not None:
         terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond, decode))
     return terms, x0_hat
@@ -264,6 +277,8 @@ class Distiller:
         self.cfg, self.dist = cfg, dist
         if cfg.recon not in ("srl", "plain", "none"):
             raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
+        if cfg.recon_weight not in ("x0", "snr"):
+            raise ValueError(f"--recon-weight must be x0 or snr, got {cfg.recon_weight!r}")
         if cfg.disc not in ("unet", "projected", "none"):
             raise ValueError(f"--disc must be unet, projected or none, got {cfg.disc!r}")
         if list(cfg.timesteps) != sorted(set(cfg.timesteps), reverse=True) or not 0 <= min(cfg.timesteps) <= max(cfg.timesteps) < 1000:
@@ -429,6 +444,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
         "lr": "student learning rate", "lr_disc": "discriminator learning rate", "adam_betas": "Adam betas",
         "timesteps": "student inference timesteps (training t is drawn from them)",
         "noise_correction": "Eq. 9 in the rollout", "recon": "srl | plain | none",
+        "recon_weight": "x0 (paper: plain MSE on x̂_0) | snr (× α²/σ², the error in ε̂)",
         "backward": "backward rollout (off: forward-noised data, Eq. 6)", "k": "teacher steps in the target",
         "cfg_scale": "teacher guidance scale in the target", "gamma": "γ table as threshold:gamma pairs, e.g. 900:990,500:950,-1:200",
         "disc": "unet | projected | none", "disc_vit": "ViT folder/hub id for the projected discriminator",

@@ -52,6 +52,7 @@ class Config:
     lr: float = 5e-6  # student (paper: 5e-6)
     lr_disc: float = 1e-4  # discriminator (paper: 1e-4)
     adam_betas: tuple = (0.9, 0.999)
+    grad_clip: float = 0.0  # clip the student's gradient to this global norm (0: no clipping; the norm is logged anyway)
     timesteps: tuple = (999, 750, 500)  # the student's inference timesteps; training t is drawn from them
     noise_correction: bool = True  # Eq. 9 in the rollout (and at inference)
     recon: str = "srl"  # "srl" (Eq. 8) | "plain" (Eq. 7) | "none" (discriminator only)
@@ -390,6 +391,9 @@ class Distiller:
             fakes.append((x0_hat.detach(), x0_real, d, cond))
             for k, v in terms.items():
                 logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum
+        # the global gradient norm (after DDP's averaging); clipped to cfg.grad_clip when that is > 0
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(),
+                                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         engine.update_ema(self.ema, self.student, cfg.ema_decay)
@@ -442,6 +446,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
         "out": "output folder (student/, state.safetensors, samples/, log.jsonl)", "steps": "training iterations",
         "global_batch": "samples per iteration over all processes", "micro_batch": "samples per forward per process",
         "lr": "student learning rate", "lr_disc": "discriminator learning rate", "adam_betas": "Adam betas",
+        "grad_clip": "clip the student's gradient to this global norm (0: off)",
         "timesteps": "student inference timesteps (training t is drawn from them)",
         "noise_correction": "Eq. 9 in the rollout", "recon": "srl | plain | none",
         "recon_weight": "x0 (paper: plain MSE on x̂_0) | snr (× α²/σ², the error in ε̂)",

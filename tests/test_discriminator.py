@@ -164,7 +164,7 @@ def test_projected_disc_distillation_offline(teacher, vit_folder, tmp_path):
     student, vit, heads = snapshot(d.student), snapshot(d.disc.vit), snapshot(d.disc.heads)
     for _ in range(2):
         logs = d.train_step()
-        assert set(logs) == {"adv_g", "d", "r1", "t"}  # R1 through the ViT's attention: a double backward
+        assert set(logs) == {"adv_g", "d", "r1", "t", "grad_norm"}  # R1 through the ViT's attention: a double backward
     assert not all(torch.equal(v, student[k]) for k, v in d.student.state_dict().items())
     assert all(torch.equal(v, vit[k]) for k, v in d.disc.vit.state_dict().items())
     assert not all(torch.equal(v, heads[k]) for k, v in d.disc.heads.state_dict().items())
@@ -176,4 +176,4 @@ def test_unet_disc_distillation_with_r1(teacher, tmp_path):
     d = distill.Distiller(cfg, engine.Dist())
     assert isinstance(d.disc, UNetDiscriminator)
     logs = d.train_step()
-    assert set(logs) == {"recon", "adv_g", "d", "r1", "t"} and logs["r1"] > 0
+    assert set(logs) == {"recon", "adv_g", "d", "r1", "t", "grad_norm"} and logs["r1"] > 0

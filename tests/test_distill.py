@@ -280,7 +280,7 @@ def test_train_step_gradient_ownership(teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "disc_loss", disc_loss_spy)
 
     logs = d.train_step()
-    assert logs["t"] == 500 and set(logs) == {"recon", "adv_g", "d", "t"}
+    assert logs["t"] == 500 and set(logs) == {"recon", "adv_g", "d", "t", "grad_norm"}
     # the teacher: frozen, no gradient, unchanged
     assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
     assert same(snapshot(d.teacher), before["teacher"])
@@ -395,6 +395,17 @@ def test_bad_combinations_are_refused(teacher, tmp_path):
     assert not os.path.exists(tmp_path / "student")
 
 
+def test_grad_clip_bounds_the_students_step_and_logs_the_norm(teacher, tmp_path, monkeypatch):
+    d = build(teacher, tmp_path, "--grad-clip", "1e-3")
+    seen = []
+    step = d.opt_g.step
+    monkeypatch.setattr(d.opt_g, "step", lambda: (seen.append(torch.norm(torch.stack(
+        [p.grad.norm() for p in d.student.parameters() if p.grad is not None])).item()), step()))
+    logs = d.train_step()
+    assert logs["grad_norm"] > 1e-3  # the norm before clipping…
+    assert seen[0] == pytest.approx(1e-3, rel=1e-3)  # …and what the optimizer got
+
+
 def test_recon_none_has_no_reconstruction_term(teacher, tmp_path, monkeypatch):
     d = build(teacher, tmp_path, "--recon", "none")
 
@@ -402,7 +413,7 @@ def test_recon_none_has_no_reconstruction_term(teacher, tmp_path, monkeypatch):
         raise AssertionError("no teacher target with --recon none")
     monkeypatch.setattr(distill, "srl_target", forbidden)
     monkeypatch.setattr(distill, "plain_target", forbidden)
-    assert set(d.train_step()) == {"adv_g", "d", "t"}
+    assert set(d.train_step()) == {"adv_g", "d", "t", "grad_norm"}
 
 
 @pytest.mark.parametrize("flag", ["--no-disc", "--disc=none"])
@@ -413,7 +424,7 @@ def test_no_disc_builds_no_discriminator(teacher, tmp_path, monkeypatch, flag):
     monkeypatch.setattr(distill, "disc_loss", forbidden)
     d = build(teacher, tmp_path, flag)
     assert d.disc is None and d.opt_d is None and "disc" not in d.state()[0] and "opt_d" not in d.state()[1]
-    assert set(d.train_step()) == {"recon", "t"}
+    assert set(d.train_step()) == {"recon", "t", "grad_norm"}
 
 
 @pytest.mark.parametrize("extra", [(), ("--no-noise-correction",)])
@@ -482,7 +493,7 @@ def test_recon_plain_targets_the_rollout_itself(teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "plain_target", plain_spy)
     monkeypatch.setattr(distill, "srl_target", srl_forbidden)
     monkeypatch.setattr(distill, "student_x0", student_x0_spy)
-    assert set(d.train_step()) == {"recon", "t"}
+    assert set(d.train_step()) == {"recon", "t", "grad_norm"}
     teacher_, x_t, t, k, w = seen["plain"]
     assert teacher_ is d.teacher and x_t is seen["x_t"] and t == 500 and k == d.cfg.k and w == d.cfg.cfg_scale
 

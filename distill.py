@@ -57,6 +57,7 @@ class Config:
     noise_correction: bool = True  # Eq. 9 in the rollout (and at inference)
     recon: str = "srl"  # "srl" (Eq. 8) | "plain" (Eq. 7) | "none" (discriminator only)
     recon_weight: str = "x0"  # "x0": the paper's ‖·‖² on x̂_0 at every t | "snr": × α_t²/σ_t² (the same error in ε̂)
+    #                           | "sqrt_snr": × α_t/σ_t, halfway (in log scale) between the two
     backward: bool = True  # False: forward-noised data x_t (Eq. 6) instead of the backward rollout
     k: int = 8  # teacher steps in the target
     cfg_scale: float = 2.0  # guidance of the teacher's target (the student runs without CFG)
@@ -186,7 +187,9 @@ def recon_weight(kind: str, schedule: VPSchedule, t: int) -> float:
         return 1.0
     if kind == "snr":
         return float(schedule.snr(t))
-    raise ValueError(f"unknown recon weight {kind!r}; choose x0 or snr")
+    if kind == "sqrt_snr":
+        return float(schedule.snr(t)) ** 0.5
+    raise ValueError(f"unknown recon weight {kind!r}; choose x0, snr or sqrt_snr")
 
 
 def snr_matched_gamma(gamma: tuple, factor: float, schedule: VPSchedule) -> tuple:
@@ -278,8 +281,8 @@ class Distiller:
         self.cfg, self.dist = cfg, dist
         if cfg.recon not in ("srl", "plain", "none"):
             raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
-        if cfg.recon_weight not in ("x0", "snr"):
-            raise ValueError(f"--recon-weight must be x0 or snr, got {cfg.recon_weight!r}")
+        if cfg.recon_weight not in ("x0", "snr", "sqrt_snr"):
+            raise ValueError(f"--recon-weight must be x0, snr or sqrt_snr, got {cfg.recon_weight!r}")
         if cfg.disc not in ("unet", "projected", "none"):
             raise ValueError(f"--disc must be unet, projected or none, got {cfg.disc!r}")
         if list(cfg.timesteps) != sorted(set(cfg.timesteps), reverse=True) or not 0 <= min(cfg.timesteps) <= max(cfg.timesteps) < 1000:
@@ -449,7 +452,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
         "grad_clip": "clip the student's gradient to this global norm (0: off)",
         "timesteps": "student inference timesteps (training t is drawn from them)",
         "noise_correction": "Eq. 9 in the rollout", "recon": "srl | plain | none",
-        "recon_weight": "x0 (paper: plain MSE on x̂_0) | snr (× α²/σ², the error in ε̂)",
+        "recon_weight": "x0 (paper: plain MSE on x̂_0) | snr (× α²/σ², the error in ε̂) | sqrt_snr (× α/σ)",
         "backward": "backward rollout (off: forward-noised data, Eq. 6)", "k": "teacher steps in the target",
         "cfg_scale": "teacher guidance scale in the target", "gamma": "γ table as threshold:gamma pairs, e.g. 900:990,500:950,-1:200",
         "disc": "unet | projected | none", "disc_vit": "ViT folder/hub id for the projected discriminator",

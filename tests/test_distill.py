@@ -148,6 +148,7 @@ def test_snr_weight_is_the_error_in_eps(pipe, t):
     loss = distill.reconstruction_loss(s.x0_from_eps(x_t, e1, t), s.x0_from_eps(x_t, e2, t), w)
     torch.testing.assert_close(loss, (e1 - e2).pow(2).flatten(1).mean(1))
     assert distill.recon_weight("x0", s, t) == 1.0
+    assert distill.recon_weight("sqrt_snr", s, t) == pytest.approx(w ** 0.5)  # halfway, in log scale
     with pytest.raises(ValueError, match="recon weight"):
         distill.recon_weight("l1", s, t)
 

@@ -227,10 +227,10 @@ def reference_features(model, reference: str | None, toy: bool, teacher, n: int,
 # --------------------------------------------------------------------------------------------------
 # the paper's Table 3 at toy scale
 # --------------------------------------------------------------------------------------------------
-ABLATIONS = [  # (row name, distill.py flags on top of the preset); the toy preset's target is plain Eq. 7
-    ("Imagine Flash, demo preset (Eq. 7 target)", []),
+ABLATIONS = [  # (row name, distill.py flags on top of the toy preset: plain Eq. 7 target, timesteps 999/666/333)
+    ("Imagine Flash, demo preset", []),
+    ("the paper's timesteps 999/750/500", ["--timesteps", "999,750,500"]),
     ("SRL (Eq. 8), paper γ 990/950/200", ["--recon", "srl", "--gamma", "900:990,500:950,-1:200"]),
-    ("SRL (Eq. 8), SNR-matched γ 603/536/9", ["--recon", "srl", "--gamma", "900:603,500:536,-1:9"]),
     ("w/o noise correction", ["--no-noise-correction"]),
     ("w/o discriminator", ["--disc", "none"]),
     ("w/o backward distillation (Eq. 6)", ["--no-backward"]),

@@ -56,3 +56,17 @@ def test_evaluate_writes_picture_and_table_for_the_trained_timesteps(demo):
     for r in rows.values():
         assert 0.0 <= r["label_acc"] <= 1.0 and r["toy_fd"] >= 0.0
     assert "timesteps 999, 500;" in p.stdout  # the table's header names the timesteps
+
+
+def test_ablation_distills_and_tabulates_every_row(demo, tmp_path):
+    from evaluate import ABLATIONS
+    out = tmp_path / "ablation"
+    run("evaluate.py", "--ablation", "--teacher", str(demo[0]), "--out", str(out), "--n", "12", "--batch-size", "12",
+        "--device", "cpu", "--distill-args", "--toy-size", str(SIZE), "--toy-images", "64", "--global-batch", "4",
+        "--micro-batch", "4", "--steps", "2", "--ckpt-every", "2", timeout=900)
+    table = (out / "ablation.md").read_text()
+    for name, _ in ABLATIONS:
+        assert f"| {name}, " in table, name
+    # the timesteps row was trained, and is evaluated, on its own timesteps
+    ts_row = next(d for d in out.iterdir() if d.name.startswith("the_paper_s_timesteps"))
+    assert load_pipeline(str(ts_row / "student")).timesteps == [999, 750, 500]

@@ -44,6 +44,7 @@ def make_dinov2(folder: str, seed: int = 0) -> str:
 
 
 def tiny_args(teacher: str, out: str, *extra: str) -> list[str]:
-    """Command-line flags for a seconds-long toy distillation with the tiny teacher."""
-    return ["--preset", "toy", "--recon", "srl", "--teacher", teacher, "--out", out, "--toy-size", str(SIZE), "--toy-images", "64",
+    """Command-line flags for a seconds-long toy distillation with the tiny teacher (SRL and the paper's
+    timesteps: the method as written, not the demo's choices)."""
+    return ["--preset", "toy", "--recon", "srl", "--timesteps", "999,750,500", "--teacher", teacher, "--out", out, "--toy-size", str(SIZE), "--toy-images", "64",
             "--global-batch", "4", "--micro-batch", "4", "--log-every", "1", "--device", "cpu", *extra]

@@ -9,7 +9,8 @@ A teacher or a student on disk: a diffusers-style folder that holds everything n
       text_encoder/, tokenizer/   a transformers text encoder (SD-1.5: CLIP ViT-L/14)   or
       conditioning.json           the toy preset's label encoder                          or neither: unconditional
       pipeline.json  optional: {"base": other folder} to take vae/ and the text encoder from (a student exported
-                     from an SD-1.5 teacher points back at the teacher instead of copying 600 MB), and
+                     from an SD-1.5 teacher points back at the teacher instead of copying 600 MB; a local folder
+                     is written relative to this one, so the two can be moved together), and
                      {"timesteps": [...]}: a distilled student's inference timesteps (what it was trained on)
 
 train.py writes a teacher in this layout (with a COPY of its frozen text encoder in text_encoder/ + tokenizer/,
@@ -83,8 +84,13 @@ def _meta(path: str) -> dict:
 
 
 def _base(path: str) -> str:
+    """The folder pipeline.json points to: relative to this folder (as save_pipeline writes it, so that a teacher
+    and its students can be moved together), an absolute path, or a hub id."""
     base = _meta(path).get("base")
-    return resolve(base) if base else path
+    if not base:
+        return path
+    beside = os.path.join(path, base)
+    return beside if os.path.isdir(beside) else resolve(base)
 
 
 def load_encoder(path: str) -> nn.Module | None:
@@ -142,7 +148,7 @@ def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Modul
         os.path.isdir(os.path.join(base, d)) for d in ("vae", "text_encoder", "tokenizer")))
     meta = {}
     if needs_base and os.path.abspath(base) != os.path.abspath(path):
-        meta["base"] = os.path.abspath(base) if os.path.isdir(base) else base
+        meta["base"] = os.path.relpath(base, path) if os.path.isdir(base) else base  # a local folder: relative
     if timesteps is not None:
         meta["timesteps"] = [int(t) for t in timesteps]
     if meta:

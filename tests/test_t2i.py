@@ -333,3 +333,16 @@ def test_caption_folder_without_captions_is_one_line(sd, captions, root, capsys)
     one_error_line(capsys.readouterr().out, "--text-encoder")
     assert not out.exists() and not teacher.exists() and sorted(os.listdir(bad)) == sorted(
         f for f in os.listdir(captions) if f != "img003.txt")
+
+
+def test_student_points_to_its_teacher_relatively(tmp_path, sd):
+    # pipeline.json's base is written relative to the student: teacher and student move together
+    import shutil
+    from pipeline import load_pipeline, save_pipeline
+    teacher = shutil.copytree(sd, tmp_path / "a" / "teacher")
+    pipe = load_pipeline(str(teacher))
+    save_pipeline(str(tmp_path / "a" / "students" / "s1"), pipe.unet, pipe.schedule, pipe.encoder, base=str(teacher))
+    assert json.loads((tmp_path / "a" / "students" / "s1" / "pipeline.json").read_text())["base"] == "../../teacher"
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    moved = load_pipeline(str(tmp_path / "b" / "students" / "s1"))
+    assert isinstance(moved.encoder, TextEncoder) and moved.autoencoder.__class__ is pipe.autoencoder.__class__

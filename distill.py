@@ -83,7 +83,7 @@ class Config:
 
 
 PRESETS = {
-    # CPU, ~5 min: the embedded demo (README, "Results"; every choice below measured at toy scale, docs/tuning.md):
+    # CPU, ~7.5 min on 2 cores: the embedded demo (README, "Results"; every choice below measured at toy scale, docs/tuning.md):
     # - timesteps 999/666/333 (the teacher's DDIM 3-step set) rather than the paper's 999/750/500: at 16×16 the
     #   last step from t = 500 leaves too much to one x̂_0 (toy FD 1.26 vs 1.53 at equal cost)
     # - recon "plain" (Eq. 7): with the paper's γ (990/950/200) SRL erases almost all of a 16×16 image and its
@@ -235,11 +235,11 @@ def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, 
     """Steps 3–5 for one micro-batch: ({term: (B,)}, x̂_0^Θ). The loop weights and reduces."""
     x0_hat = student_x0(student, schedule, x_t, t, cond)  # step 3, with gradient
     terms = {}
-    if cfg.recon == "srl":
-        target = srl_target(teacher, schedule, x0_hat, eps_prime, t, cfg.gamma, cfg.k, cond, null_cond, cfg.cfg_scale)
-        terms["recon"] = reconstruction_loss(x0_hat, target, recon_weight(cfg.recon_weight, schedule, t))
-    elif cfg.recon == "plain":
-        target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
+    if cfg.recon != "none":
+        if cfg.recon == "srl":
+            target = srl_target(teacher, schedule, x0_hat, eps_prime, t, cfg.gamma, cfg.k, cond, null_cond, cfg.cfg_scale)
+        else:
+            target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
         terms["recon"] = reconstruction_loss(x0_hat, target, recon_weight(cfg.recon_weight, schedule, t))
     if disc is not None:
         terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond, decode))

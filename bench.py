@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import distill
+from methods import imagine_flash
 import engine
 from conditioning import LabelEncoder
 from data import TOY_CLASSES
@@ -387,7 +388,7 @@ PIECES = [  # (key, label) in the order train_step runs them
 
 
 class Stopwatch:
-    """Times a Distiller.train_step from the outside: wraps the functions it calls (distill.backward_rollout,
+    """Times a Distiller.train_step from the outside: wraps the functions it calls (imagine_flash.backward_rollout,
     student_x0, srl_target, disc_logits, disc_loss, engine.update_ema, the optimizers' step/zero_grad) and
     Tensor.backward. A gradient hook on x̂_0 splits the generator's backward into the part through D (it runs
     first: D's ops are the most recent) and the student's own. train_step itself runs unchanged."""
@@ -414,7 +415,7 @@ class Stopwatch:
         if x0_hat.requires_grad:
             x0_hat.register_hook(lambda grad: setattr(self, "hook_time", self.now()))
 
-    def patches(self, distiller: "distill.Distiller") -> ExitStack:
+    def patches(self, distiller: "imagine_flash.ImagineFlash") -> ExitStack:
         stack = ExitStack()
         orig_backward = torch.Tensor.backward
 
@@ -431,11 +432,11 @@ class Stopwatch:
         def after_opt_g(_):
             self.phase = "D"
 
-        for module, name, key, after in ((distill, "backward_rollout", "rollout", None),
-                                         (distill, "student_x0", "student_fwd", self.mark_x0),
-                                         (distill, "srl_target", "teacher", None),
-                                         (distill, "plain_target", "teacher", None),
-                                         (distill, "disc_logits", "g_fwd", None), (distill, "disc_loss", "d_fwd", None),
+        for module, name, key, after in ((imagine_flash, "backward_rollout", "rollout", None),
+                                         (imagine_flash, "student_x0", "student_fwd", self.mark_x0),
+                                         (imagine_flash, "srl_target", "teacher", None),
+                                         (imagine_flash, "plain_target", "teacher", None),
+                                         (imagine_flash, "disc_logits", "g_fwd", None), (imagine_flash, "disc_loss", "d_fwd", None),
                                          (engine, "update_ema", "ema", None)):
             stack.enter_context(mock.patch.object(module, name, self.wrap(key, getattr(module, name), after)))
         stack.enter_context(mock.patch.object(torch.Tensor, "backward", backward))
@@ -445,7 +446,7 @@ class Stopwatch:
                 stack.enter_context(mock.patch.object(opt, "zero_grad", self.wrap(key, opt.zero_grad)))
         return stack
 
-    def iteration(self, distiller: "distill.Distiller", step: int) -> dict:
+    def iteration(self, distiller: "imagine_flash.ImagineFlash", step: int) -> dict:
         """Run train_step at `step` (which fixes t and the draws); returns {piece: seconds} and the total."""
         self.t, self.phase = defaultdict(float), "G"
         distiller.step = step
@@ -459,17 +460,17 @@ class Stopwatch:
         return out
 
 
-def build_distiller(b: Bench, teacher: str, out: str, preset: str = "toy", **overrides) -> "distill.Distiller":
+def build_distiller(b: Bench, teacher: str, out: str, preset: str = "toy", **overrides) -> "imagine_flash.ImagineFlash":
     cfg, _ = distill.parse_args(["--preset", preset, "--teacher", teacher, "--out", out, "--data", "toy",
                                  "--device", b.device.type])
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    return distill.Distiller(cfg, engine.Dist(device=b.device))
+    return distill.build(cfg, engine.Dist(device=b.device))
 
 
-def steps_for_t(cfg: "distill.Config", t: int, n: int) -> list:
+def steps_for_t(cfg: "imagine_flash.Config", t: int, n: int) -> list:
     """The first n iterations whose drawn training timestep is t (train_step draws t from the step index)."""
-    hits = (s for s in itertools.count() if distill.draw_timestep(cfg.timesteps, cfg.seed, s) == t)
+    hits = (s for s in itertools.count() if imagine_flash.draw_timestep(cfg.timesteps, cfg.seed, s) == t)
     return list(itertools.islice(hits, n))
 
 
@@ -737,7 +738,7 @@ def sd_vae_encoder_flops(size: int = 512) -> float:
     return count_flops(lambda: vae.encode(x))
 
 
-def nfe_per_sample(cfg: "distill.Config", conditional: bool) -> tuple[float, float]:
+def nfe_per_sample(cfg: "imagine_flash.Config", conditional: bool) -> tuple[float, float]:
     """Work per sample per iteration in units of one U-Net forward and one encoder (discriminator) forward.
     A backward costs 2 forwards; gradient checkpointing recomputes each trained forward once more."""
     recompute = 1 if cfg.grad_ckpt else 0
@@ -756,7 +757,7 @@ def projection_rows(toy_ms_per_it: float | None, toy_batch: int) -> tuple[list, 
     rows = []
     gpus = {"cifar10": 1, "t2i": 8}
     for preset, name in (("toy", "toy"), ("cifar10", "ddpm_cifar10"), ("t2i", "sd15")):
-        cfg = distill.PRESETS[preset]
+        cfg = imagine_flash.PRESETS[preset]
         f_unet, f_enc = unet_flops(name)
         conditional = CONFIGS[name]["_class_name"] == "UNet2DConditionModel"
         n_unet, n_enc = nfe_per_sample(cfg, conditional)

@@ -9,7 +9,13 @@ Running one training script at every scale: shared by train.py (teacher) and dis
   load_state          written to a temporary file and renamed, so a crash never leaves a torn checkpoint;
                       nothing is ever unpickled
   Logger              one fixed-width line every N steps (step, each loss, ms/it, memory)
+  arg / config_parser / read_config
+                      one command-line builder for train.py and distill.py: every config field is a flag, its
+                      help written once (in the field), `--help` showing the preset's value
 """
+import argparse
+import copy
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +27,64 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+# --------------------------------------------------------------------------------------------------
+# configs and their command lines
+# --------------------------------------------------------------------------------------------------
+def arg(default, help: str):
+    """A config field whose command-line help is `help` (tuples are fine as defaults: they are immutable)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def config_parser(description: str, preset_cfg, skip: tuple = ()) -> argparse.ArgumentParser:
+    """An ArgumentParser with one flag per field of the dataclass instance `preset_cfg` (booleans get
+    --x / --no-x). Every flag defaults to None (= keep the preset's value), and its help shows that value."""
+    p = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(preset_cfg):
+        if f.name in skip:
+            continue
+        value = getattr(preset_cfg, f.name)
+        shown = ",".join(":".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value) \
+            if isinstance(value, tuple) else value
+        help_ = f"{f.metadata.get('help', '')} (preset: {shown!s})".replace("%", "%%")
+        if isinstance(value, bool):
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(), help=help_)
+    return p
+
+
+def _convert(text: str, like):
+    """A command-line string → the type of the preset's value `like`: int, float, str, or a tuple of ints,
+    floats or (a:b) pairs written "1,2,3" / "900:990,500:950"."""
+    if isinstance(like, tuple):
+        sample = like[0] if like else 0
+        if isinstance(sample, tuple):
+            return tuple(tuple(int(x) for x in pair.split(":")) for pair in text.split(","))
+        kind = float if isinstance(sample, float) else int
+        return tuple(kind(x) for x in text.split(","))
+    return type(like)(text) if isinstance(like, (int, float)) else text
+
+
+def read_config(p: argparse.ArgumentParser, args: argparse.Namespace, preset_cfg):
+    """A copy of the preset with every flag that was given applied; a value that does not parse → p.error."""
+    cfg = copy.deepcopy(preset_cfg)
+    for f in dataclasses.fields(cfg):
+        v = getattr(args, f.name, None)
+        if v is None:
+            continue
+        if not isinstance(v, bool):
+            try:
+                v = _convert(v, getattr(preset_cfg, f.name))
+            except ValueError:
+                p.error(f"bad value for {_flag(f.name)}: {v!r}")
+        setattr(cfg, f.name, v)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------

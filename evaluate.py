@@ -27,30 +27,33 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline import encode_prompts, load_pipeline
-from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_timesteps, trailing
+from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_sample, student_timesteps, trailing
 
 
-def methods(cfg_scale: float, student_ts: dict) -> list[dict]:
-    """The rows: who samples, with which sampler, timesteps, guidance and noise correction."""
+def methods(cfg_scale: float, spec: dict) -> list[dict]:
+    """The rows: who samples, with which sampler, timesteps, guidance and noise correction. A student samples
+    with its own sampler (`spec`, from its pipeline.json) at n = 1 … len(timesteps) steps: the first n."""
     rows = [dict(name="teacher DPM++ 25 steps", model="teacher", solver="dpm++", timesteps=linspace(25), cfg=cfg_scale),
             dict(name="teacher DDIM 3 steps", model="teacher", solver="ddim", timesteps=trailing(3), cfg=cfg_scale)]
-    for n in sorted(student_ts):
-        rows.append(dict(name=f"student {n} step{'s' if n > 1 else ''}", model="student", solver="ddim",
-                         timesteps=student_ts[n], cfg=1.0, nc=True))
-    for n in sorted(n for n in student_ts if n > 1):
-        rows.append(dict(name=f"student {n} steps w/o NC", model="student", solver="ddim", timesteps=student_ts[n],
-                         cfg=1.0, nc=False))
+    ts = list(spec["timesteps"])
+    for n in range(1, len(ts) + 1):
+        rows.append(dict(name=f"student {n} step{'s' if n > 1 else ''}", model="student", solver="student",
+                         timesteps=ts[:n], cfg=1.0, spec=spec))
+    if spec.get("kind", "ddim") == "ddim" and spec.get("noise_correction", True):
+        for n in range(2, len(ts) + 1):
+            rows.append(dict(name=f"student {n} steps w/o NC", model="student", solver="student", timesteps=ts[:n],
+                             cfg=1.0, spec={**spec, "noise_correction": False}))
     return rows
 
 
-def timesteps_of(student) -> dict:
-    """{n: timesteps} for the student rows. A student from distill.py records the timesteps it was trained on
-    (pipeline.json); every prefix of them is a sampler it was trained for (training draws t from all of them, and
-    the loss at each t is on x̂_0 from there), so n steps = the first n. Otherwise the paper's sets."""
-    if student is not None and student.timesteps:
-        ts = list(student.timesteps)
-        return {n: ts[:n] for n in range(1, len(ts) + 1)}
-    return {n: student_timesteps(n) for n in (1, 2, 3)}
+def sampler_of(student) -> dict:
+    """A student's sampler. A student from distill.py records it (pipeline.json: kind, timesteps, noise
+    correction, first_t); every prefix of its timesteps is a sampler it was trained for (training draws t from
+    all of them, and the loss at each t is on x̂_0 from there), so n steps = the first n. Otherwise DDIM with
+    noise correction at the paper's 3-step set."""
+    if student is not None and student.sampler:
+        return dict(student.sampler)
+    return {"kind": "ddim", "timesteps": student_timesteps(3), "noise_correction": True}
 
 
 @torch.no_grad()
@@ -65,8 +68,11 @@ def generate(pipe, row: dict, x_T: torch.Tensor, prompts, batch_size: int, devic
         t0 = time.perf_counter()
         if row["solver"] == "dpm++":
             x0 = sample_dpmpp(fn, pipe.schedule, x, row["timesteps"])
+        elif row["solver"] == "student":  # its own sampler; a re-noising one draws from a seeded generator
+            x0 = student_sample(fn, pipe.schedule, x, row["spec"], len(row["timesteps"]),
+                                generator=torch.Generator().manual_seed(10_000 + i))
         else:
-            x0 = sample(fn, pipe.schedule, x, row["timesteps"], noise_correction=row.get("nc", False))
+            x0 = sample(fn, pipe.schedule, x, row["timesteps"])
         img = pipe.autoencoder.decode(x0).float().clamp(-1, 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -161,7 +167,7 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         prompts = None
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(n, *teacher.latent_shape(), generator=g)  # the same noise for every method
-    student_ts = timesteps_of(student)
+    spec = sampler_of(student)
 
     judge = ToyJudge(teacher.latent_shape()[-1], os.path.join(out, "toy_classifier.safetensors")) if toy else None
     fid_model, fid_ref = None, None
@@ -175,7 +181,7 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         from data import make_toy
         real, real_labels = make_toy(n, seed=4000, size=teacher.latent_shape()[-1])
         results.append({"method": "real images", "nfe": 0, **judge(real, real_labels), **sat(real)})
-    for row in methods(cfg_scale, student_ts):
+    for row in methods(cfg_scale, spec):
         if rows_filter and not rows_filter(row):
             continue
         pipe = teacher if row["model"] == "teacher" else student
@@ -247,8 +253,7 @@ def ablation(args, device) -> None:
         if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
             distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, *flags, *args.distill_args]),
                         distill_dist(device))
-        nc = "--no-noise-correction" not in flags
-        keep = lambda row, nc=nc: row["name"] == ("student 3 steps" if nc else "student 3 steps w/o NC")  # noqa: E731
+        keep = lambda row: row["name"] == "student 3 steps"  # noqa: E731  (its own sampler: NC as it was trained)
         r = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
                      args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols,
                      device, rows_filter=keep)

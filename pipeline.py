@@ -11,7 +11,9 @@ A teacher or a student on disk: a diffusers-style folder that holds everything n
       pipeline.json  optional: {"base": other folder} to take vae/ and the text encoder from (a student exported
                      from an SD-1.5 teacher points back at the teacher instead of copying 600 MB; a local folder
                      is written relative to this one, so the two can be moved together), and
-                     {"timesteps": [...]}: a distilled student's inference timesteps (what it was trained on)
+                     {"timesteps": [...]}: a distilled student's inference timesteps (what it was trained on), and
+                     {"sampler": {"method", "kind", "timesteps", "noise_correction", "first_t"}}: how it samples
+                     (sampler.student_sample)
 
 train.py writes a teacher in this layout (with a COPY of its frozen text encoder in text_encoder/ + tokenizer/,
 so the folder stands alone), distill.py a student; evaluate.py reads both.
@@ -37,6 +39,7 @@ class Pipeline:
     autoencoder: nn.Module  # Identity in pixel space
     path: str = ""
     timesteps: list[int] | None = None  # a student's own inference timesteps (pipeline.json), None for a teacher
+    sampler: dict | None = None  # a student's own sampler (pipeline.json), None for a teacher
 
     def to(self, device, dtype=None) -> "Pipeline":
         self.unet.to(device)
@@ -123,12 +126,15 @@ def load_pipeline(path: str, need_vae: bool | None = None) -> Pipeline:
     encoder = load_encoder(path)
     if unet.is_conditional and encoder is None:
         raise FileNotFoundError(f"{path} has a conditional U-Net but no text_encoder/+tokenizer/ or conditioning.json")
-    timesteps = _meta(path).get("timesteps")
-    return Pipeline(unet, schedule, encoder, autoencoder.eval().requires_grad_(False), path, timesteps)
+    meta = _meta(path)
+    timesteps = meta.get("timesteps")
+    sampler = meta.get("sampler") or ({"kind": "ddim", "timesteps": timesteps, "noise_correction": True}
+                                      if timesteps else None)  # a student from before samplers were recorded
+    return Pipeline(unet, schedule, encoder, autoencoder.eval().requires_grad_(False), path, timesteps, sampler)
 
 
 def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Module | None, base: str | None = None,
-                  timesteps: list[int] | None = None) -> None:
+                  timesteps: list[int] | None = None, sampler: dict | None = None) -> None:
     """Write unet/ and scheduler/ (+ conditioning.json for a label encoder, or pipeline.json → base for
     the VAE and text encoder of a real teacher, or, with no base, a copy of a text encoder in text_encoder/ +
     tokenizer/); a student's timesteps go to pipeline.json too. The U-Net is saved in diffusers' layout, so the result also loads with diffusers'
@@ -149,6 +155,9 @@ def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Modul
     meta = {}
     if needs_base and os.path.abspath(base) != os.path.abspath(path):
         meta["base"] = os.path.relpath(base, path) if os.path.isdir(base) else base  # a local folder: relative
+    if sampler is not None:
+        timesteps = sampler["timesteps"]
+        meta["sampler"] = sampler
     if timesteps is not None:
         meta["timesteps"] = [int(t) for t in timesteps]
     if meta:

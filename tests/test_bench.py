@@ -11,6 +11,7 @@ import torch
 
 import bench
 import distill
+from methods import imagine_flash
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +76,7 @@ def test_distill_breakdown_adds_up(quick):
     total = rows[-1]
     assert sum(r["mean ms"] for r in rows[:-1]) == pytest.approx(total["mean ms"], rel=1e-6)
     assert total["share %"] == pytest.approx(100)
-    last = distill.PRESETS["toy"].timesteps[-1]
+    last = imagine_flash.PRESETS["toy"].timesteps[-1]
     assert rows[0]["t=999 ms"] < rows[0][f"t={last} ms"]  # no rollout at t = T; two student steps at the last t
     switches = tables[-1]
     assert "CFG in the teacher target" in {r["switch"] for r in switches["rows"]}
@@ -156,10 +157,10 @@ def test_scaling_rows(quick):
 def test_work_per_iteration_is_counted_by_hand():
     # toy: rollout 0/1/2 student steps for t = 999/750/500 → 1; student 1 + 2; teacher k = 8 × CFG 2 = 16;
     # discriminator G 1 + 1, D 2 × (1 + 2)
-    assert bench.nfe_per_sample(distill.PRESETS["toy"], conditional=True) == (1 + 3 + 16, 2 + 6)
+    assert bench.nfe_per_sample(imagine_flash.PRESETS["toy"], conditional=True) == (1 + 3 + 16, 2 + 6)
     # cifar10: unconditional, so no CFG; t2i: gradient checkpointing recomputes each trained forward once
-    assert bench.nfe_per_sample(distill.PRESETS["cifar10"], conditional=False) == (1 + 3 + 8, 2 + 6)
-    assert bench.nfe_per_sample(distill.PRESETS["t2i"], conditional=True) == (1 + 4 + 16, 3 + 8)
+    assert bench.nfe_per_sample(imagine_flash.PRESETS["cifar10"], conditional=False) == (1 + 3 + 8, 2 + 6)
+    assert bench.nfe_per_sample(imagine_flash.PRESETS["t2i"], conditional=True) == (1 + 4 + 16, 3 + 8)
 
 
 def test_flop_count_of_a_linear_layer():

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import distill
+from methods import imagine_flash
 import engine
 from pipeline import load_pipeline
 from toyteacher import make_teacher, tiny_args, tiny_unet
@@ -40,9 +41,9 @@ def pipe(teacher):
     return load_pipeline(teacher)
 
 
-def build(teacher, out, *extra) -> distill.Distiller:
+def build(teacher, out, *extra) :
     cfg, _ = distill.parse_args(tiny_args(teacher, str(out), *extra))
-    return distill.Distiller(cfg, engine.Dist())
+    return distill.build(cfg, engine.Dist())
 
 
 def snapshot(module) -> dict:
@@ -55,7 +56,7 @@ def same(a: dict, b: dict) -> bool:
 
 def step_with_t(cfg, t: int) -> int:
     """The first iteration whose drawn training timestep is t."""
-    return next(s for s in range(1000) if distill.draw_timestep(cfg.timesteps, cfg.seed, s) == t)
+    return next(s for s in range(1000) if imagine_flash.draw_timestep(cfg.timesteps, cfg.seed, s) == t)
 
 
 @functools.cache
@@ -134,7 +135,7 @@ def inputs(pipe):
 def test_reconstruction_loss_is_per_sample_mse():
     x0_hat, target = torch.randn(5, 3, 4, 4, generator=gen(0)), torch.randn(5, 3, 4, 4, generator=gen(1))
     ref = torch.stack([sum((target[i] - x0_hat[i]).flatten().pow(2)) / target[i].numel() for i in range(5)])
-    out = distill.reconstruction_loss(x0_hat, target)
+    out = imagine_flash.reconstruction_loss(x0_hat, target)
     assert out.shape == (5,)
     torch.testing.assert_close(out, ref)
 
@@ -144,18 +145,18 @@ def test_snr_weight_is_the_error_in_eps(pipe, t):
     # "snr" weighting: α²/σ² ‖x̂_0 − x̂_0'‖² = ‖ε̂ − ε̂'‖² when both come from the same x_t (Eq. 5)
     s = pipe.schedule
     x_t, e1, e2 = (torch.randn(4, 3, 8, 8, generator=gen(i), dtype=torch.float64) for i in range(3))
-    w = distill.recon_weight("snr", s, t)
-    loss = distill.reconstruction_loss(s.x0_from_eps(x_t, e1, t), s.x0_from_eps(x_t, e2, t), w)
+    w = imagine_flash.recon_weight("snr", s, t)
+    loss = imagine_flash.reconstruction_loss(s.x0_from_eps(x_t, e1, t), s.x0_from_eps(x_t, e2, t), w)
     torch.testing.assert_close(loss, (e1 - e2).pow(2).flatten(1).mean(1))
-    assert distill.recon_weight("x0", s, t) == 1.0
-    assert distill.recon_weight("sqrt_snr", s, t) == pytest.approx(w ** 0.5)  # halfway, in log scale
+    assert imagine_flash.recon_weight("x0", s, t) == 1.0
+    assert imagine_flash.recon_weight("sqrt_snr", s, t) == pytest.approx(w ** 0.5)  # halfway, in log scale
     with pytest.raises(ValueError, match="recon weight"):
-        distill.recon_weight("l1", s, t)
+        imagine_flash.recon_weight("l1", s, t)
 
 
 def test_student_x0_is_eq5_with_gradient(pipe, inputs):
     student, x_t, cond = inputs["student"], inputs["x"], inputs["cond"]
-    out = distill.student_x0(student, pipe.schedule, x_t, 750, cond)
+    out = imagine_flash.student_x0(student, pipe.schedule, x_t, 750, cond)
     a, s = alpha_sigma(pipe.schedule, 750)
     with torch.no_grad():
         ref = (x_t - s * student(x_t, full(750, x_t), cond)) / a
@@ -182,40 +183,40 @@ def test_backward_rollout_by_hand(pipe, inputs, noise_correction):
         x0 = (x750 - s750 * eps) / a750
         x500 = a500 * x0 + s500 * eps  # Eq. 4, t < T: the student's own ε̂
     for t, ref in ((999, x_T), (750, x750), (500, x500)):
-        out = distill.backward_rollout(student, sch, x_T, cond, t, ts, noise_correction)
+        out = imagine_flash.backward_rollout(student, sch, x_T, cond, t, ts, noise_correction)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         assert not out.requires_grad and out.grad_fn is None  # stopgrad of Eq. 7
-    other = distill.backward_rollout(student, sch, x_T, cond, 750, ts, not noise_correction)
+    other = imagine_flash.backward_rollout(student, sch, x_T, cond, 750, ts, not noise_correction)
     assert (other - x750).abs().max() > 1e-2  # the switch is not a no-op
 
 
 def test_forward_noising_is_eq1(pipe, inputs):
     x0, eps = inputs["x"], inputs["eps"]
     a, s = alpha_sigma(pipe.schedule, 750)
-    torch.testing.assert_close(distill.forward_noising(pipe.schedule, x0, eps, 750), a * x0 + s * eps)
+    torch.testing.assert_close(imagine_flash.forward_noising(pipe.schedule, x0, eps, 750), a * x0 + s * eps)
 
 
 def test_plain_target_by_hand(pipe, inputs):
     x_t, cond, null = inputs["x"], inputs["cond"], inputs["null"]
-    out = distill.plain_target(pipe.unet, pipe.schedule, x_t, 750, 8, cond, null, 2.0)
+    out = imagine_flash.plain_target(pipe.unet, pipe.schedule, x_t, 750, 8, cond, null, 2.0)
     ref = teacher_steps_by_hand(pipe.unet, pipe.schedule, x_t, 750, 8, cond, null, 2.0)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    unguided = distill.plain_target(pipe.unet, pipe.schedule, x_t, 750, 8, cond, null, 1.0)
+    unguided = imagine_flash.plain_target(pipe.unet, pipe.schedule, x_t, 750, 8, cond, null, 1.0)
     assert (unguided - ref).abs().max() > 1e-3  # CFG is really applied
 
 
 @pytest.mark.parametrize("t,g", [(999, 990), (750, 950), (500, 200)])
 def test_srl_target_by_hand(pipe, inputs, t, g):
     student, x_t, cond, null, eps_prime = inputs["student"], inputs["x"], inputs["cond"], inputs["null"], inputs["eps"]
-    x0_student = distill.student_x0(student, pipe.schedule, x_t, t, cond)  # carries a graph
-    out = distill.srl_target(pipe.unet, pipe.schedule, x0_student, eps_prime, t, PAPER_GAMMA, 8, cond, null, 2.0)
+    x0_student = imagine_flash.student_x0(student, pipe.schedule, x_t, t, cond)  # carries a graph
+    out = imagine_flash.srl_target(pipe.unet, pipe.schedule, x0_student, eps_prime, t, PAPER_GAMMA, 8, cond, null, 2.0)
     a, s = alpha_sigma(pipe.schedule, g)
     chi = a * x0_student.detach() + s * eps_prime  # Eq. 8: χ = q(x̂_0^Θ, ε', γ(t))
     ref = teacher_steps_by_hand(pipe.unet, pipe.schedule, chi, g, 8, cond, null, 2.0)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert not out.requires_grad and out.grad_fn is None  # the target carries no graph
     # γ is not the identity: re-noising to t itself gives another target
-    ident = distill.srl_target(pipe.unet, pipe.schedule, x0_student, eps_prime, t, ((-1, t),), 8, cond, null, 2.0)
+    ident = imagine_flash.srl_target(pipe.unet, pipe.schedule, x0_student, eps_prime, t, ((-1, t),), 8, cond, null, 2.0)
     assert (ident - ref).abs().max() > 1e-3
 
 
@@ -224,29 +225,29 @@ def test_srl_target_by_hand(pipe, inputs, t, g):
 # --------------------------------------------------------------------------------------------------
 def test_gamma_table_is_the_papers():
     for t, g in [(999, 990), (901, 990), (900, 950), (750, 950), (501, 950), (500, 200), (200, 200), (0, 200)]:
-        assert distill.gamma_of(t, distill.Config().gamma) == g, t
-    assert distill.Config().gamma == PAPER_GAMMA and distill.PRESETS["t2i"].gamma == PAPER_GAMMA
+        assert imagine_flash.gamma_of(t, imagine_flash.Config().gamma) == g, t
+    assert imagine_flash.Config().gamma == PAPER_GAMMA and imagine_flash.PRESETS["t2i"].gamma == PAPER_GAMMA
     with pytest.raises(ValueError):
-        distill.gamma_of(100, ((500, 950),))
+        imagine_flash.gamma_of(100, ((500, 950),))
 
 
 def test_draw_timestep_uniform_over_the_set_and_same_on_every_rank():
     ts = (999, 750, 500)
-    draws = [distill.draw_timestep(ts, 0, s) for s in range(3000)]
+    draws = [imagine_flash.draw_timestep(ts, 0, s) for s in range(3000)]
     assert set(draws) == set(ts)
     for t in ts:  # 1000 ± 26 expected per value: ±150 is a 6σ band
         assert 850 < draws.count(t) < 1150, (t, draws.count(t))
     # a function of (seed, step) only: identical on every rank, in every process, after a resume
-    assert draws == [distill.draw_timestep(ts, 0, s) for s in range(3000)]
-    assert draws[:50] != [distill.draw_timestep(ts, 1, s) for s in range(50)]
-    assert {distill.draw_timestep((999, 666), 3, s) for s in range(100)} == {999, 666}
-    assert {distill.draw_timestep((999,), 3, s) for s in range(20)} == {999}
+    assert draws == [imagine_flash.draw_timestep(ts, 0, s) for s in range(3000)]
+    assert draws[:50] != [imagine_flash.draw_timestep(ts, 1, s) for s in range(50)]
+    assert {imagine_flash.draw_timestep((999, 666), 3, s) for s in range(100)} == {999, 666}
+    assert {imagine_flash.draw_timestep((999,), 3, s) for s in range(20)} == {999}
 
 
 def test_snr_matched_gamma(pipe):
     sch = pipe.schedule
-    assert distill.snr_matched_gamma(PAPER_GAMMA, 1.0, sch) == PAPER_GAMMA
-    shifted = distill.snr_matched_gamma(PAPER_GAMMA, 36.0, sch)
+    assert imagine_flash.snr_matched_gamma(PAPER_GAMMA, 1.0, sch) == PAPER_GAMMA
+    shifted = imagine_flash.snr_matched_gamma(PAPER_GAMMA, 36.0, sch)
     for (th, g), (th2, g2) in zip(PAPER_GAMMA, shifted):
         assert th2 == th and g2 < g  # more SNR = an earlier (smaller) timestep
         target = 36.0 * sch.snr(g).item()
@@ -268,17 +269,17 @@ def test_train_step_gradient_ownership(teacher, tmp_path, monkeypatch):
             out = fn(*args, **kwargs)
             seen.setdefault(name, []).append(out)
             return out
-        monkeypatch.setattr(distill, name, wrapped)
+        monkeypatch.setattr(imagine_flash, name, wrapped)
 
-    spy("backward_rollout", distill.backward_rollout)
-    spy("srl_target", distill.srl_target)
-    disc_loss = distill.disc_loss
+    spy("backward_rollout", imagine_flash.backward_rollout)
+    spy("srl_target", imagine_flash.srl_target)
+    disc_loss = imagine_flash.disc_loss
 
     def disc_loss_spy(*args, **kwargs):  # the discriminator part starts here: the student part is over
         seen["d_grads"] = [p.grad for p in d.disc.parameters()]
         seen["at_d_start"] = {name: snapshot(getattr(d, name)) for name in ("student", "ema", "disc")}
         return disc_loss(*args, **kwargs)
-    monkeypatch.setattr(distill, "disc_loss", disc_loss_spy)
+    monkeypatch.setattr(imagine_flash, "disc_loss", disc_loss_spy)
 
     logs = d.train_step()
     assert logs["t"] == 500 and set(logs) == {"recon", "adv_g", "d", "t", "grad_norm"}
@@ -308,17 +309,17 @@ def test_train_step_gradient_ownership(teacher, tmp_path, monkeypatch):
 
 def test_disc_loss_trains_only_the_discriminator(pipe, inputs):
     from discriminator import UNetDiscriminator
-    cfg = distill.Config(disc="unet", r1=0.5)
+    cfg = imagine_flash.Config(disc="unet", r1=0.5)
     torch.manual_seed(0)
     disc = UNetDiscriminator(pipe.unet)
     opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=1e-3)
     student, cond = inputs["student"], inputs["cond"]
     student_before, disc_before = snapshot(student), snapshot(disc)
-    x0_fake = distill.student_x0(student, pipe.schedule, inputs["x"], 750, cond)  # with a graph to the student
+    x0_fake = imagine_flash.student_x0(student, pipe.schedule, inputs["x"], 750, cond)  # with a graph to the student
     x0_real = torch.randn(3, 3, 8, 8, generator=gen(5))
     s = torch.tensor([10, 300, 700])
     eps_r, eps_f = torch.randn(3, 3, 8, 8, generator=gen(6)), torch.randn(3, 3, 8, 8, generator=gen(7))
-    terms = distill.disc_loss(cfg, disc, pipe.schedule, x0_real, x0_fake, s, eps_r, eps_f, cond)
+    terms = imagine_flash.disc_loss(cfg, disc, pipe.schedule, x0_real, x0_fake, s, eps_r, eps_f, cond)
     # the hinge on D(q(x_real, ε_r, s)) and D(q(x_fake, ε_f, s)): same s for both, per sample
     with torch.no_grad():
         lr = disc(pipe.schedule.q_sample(x0_real, eps_r, s), s, cond)
@@ -344,8 +345,8 @@ def test_student_losses_decode_for_the_projected_discriminator(pipe, inputs):
     def disc(x, s, cond):
         assert s is None
         return x.mean((1, 2, 3))
-    cfg = distill.Config(disc="projected", recon="none")
-    terms, _ = distill.student_losses(cfg, inputs["student"], pipe.unet, disc, pipe.schedule, inputs["x"], 750,
+    cfg = imagine_flash.Config(disc="projected", recon="none")
+    terms, _ = imagine_flash.student_losses(cfg, inputs["student"], pipe.unet, disc, pipe.schedule, inputs["x"], 750,
                                       inputs["cond"], inputs["null"], None, None, None, None, None, decode=decode)
     assert calls and set(terms) == {"adv_g"}
 
@@ -368,10 +369,10 @@ def test_gradient_accumulation_equals_one_big_micro_batch(teacher, tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_cli_flags_map_to_the_config():
     cfg, preset = distill.parse_args([])
-    assert preset == "toy" and cfg == distill.PRESETS["toy"] and cfg is not distill.PRESETS["toy"]
+    assert preset == "toy" and cfg == imagine_flash.PRESETS["toy"] and cfg is not imagine_flash.PRESETS["toy"]
     # the toy preset uses the plain Eq. 7 target (see its comment); the Config default is the paper's SRL
     assert cfg.backward and cfg.noise_correction and cfg.recon == "plain" and cfg.disc == "unet"
-    assert distill.Config().recon == "srl"
+    assert imagine_flash.Config().recon == "srl"
     cfg, _ = distill.parse_args(["--recon", "none", "--no-backward", "--no-noise-correction", "--disc", "none",
                                  "--timesteps", "999,666", "--gamma", "900:990,-1:200", "--lr", "1e-3", "--k", "4",
                                  "--adam-betas", "0.5,0.9"])
@@ -381,7 +382,7 @@ def test_cli_flags_map_to_the_config():
     assert distill.parse_args(["--no-disc"])[0].disc == "none"  # the issue's name for "--disc none"
     assert distill.parse_args(["--recon", "plain"])[0].recon == "plain"
     assert distill.parse_args(["--preset", "t2i", "--backward"])[0].backward is True
-    assert distill.PRESETS["toy"].backward  # presets are never mutated by parsing
+    assert imagine_flash.PRESETS["toy"].backward  # presets are never mutated by parsing
     with pytest.raises(SystemExit):
         distill.parse_args(["--steps", "many"])
 
@@ -412,8 +413,8 @@ def test_recon_none_has_no_reconstruction_term(teacher, tmp_path, monkeypatch):
 
     def forbidden(*args, **kwargs):
         raise AssertionError("no teacher target with --recon none")
-    monkeypatch.setattr(distill, "srl_target", forbidden)
-    monkeypatch.setattr(distill, "plain_target", forbidden)
+    monkeypatch.setattr(imagine_flash, "srl_target", forbidden)
+    monkeypatch.setattr(imagine_flash, "plain_target", forbidden)
     assert set(d.train_step()) == {"adv_g", "d", "t", "grad_norm"}
 
 
@@ -421,8 +422,8 @@ def test_recon_none_has_no_reconstruction_term(teacher, tmp_path, monkeypatch):
 def test_no_disc_builds_no_discriminator(teacher, tmp_path, monkeypatch, flag):
     def forbidden(*args, **kwargs):
         raise AssertionError("no discriminator with --disc none")
-    monkeypatch.setattr(distill, "UNetDiscriminator", forbidden)
-    monkeypatch.setattr(distill, "disc_loss", forbidden)
+    monkeypatch.setattr(imagine_flash, "UNetDiscriminator", forbidden)
+    monkeypatch.setattr(imagine_flash, "disc_loss", forbidden)
     d = build(teacher, tmp_path, flag)
     assert d.disc is None and d.opt_d is None and "disc" not in d.state()[0] and "opt_d" not in d.state()[1]
     assert set(d.train_step()) == {"recon", "t", "grad_norm"}
@@ -432,20 +433,20 @@ def test_no_disc_builds_no_discriminator(teacher, tmp_path, monkeypatch, flag):
 def test_backward_distillation_starts_from_the_rollout(teacher, tmp_path, monkeypatch, extra):
     d = build(teacher, tmp_path, *extra)
     d.step = step_with_t(d.cfg, 750)
-    draws = distill.draw_iteration(d.cfg, d.step, d.source.n, d.latent_shape)
+    draws = imagine_flash.draw_iteration(d.cfg, d.step, d.source.n, d.latent_shape)
     seen = {}
-    rollout, student_x0 = distill.backward_rollout, distill.student_x0
+    rollout, student_x0 = imagine_flash.backward_rollout, imagine_flash.student_x0
 
-    def rollout_spy(student, schedule, x_T, cond, t, timesteps, noise_correction):
+    def rollout_spy(student, schedule, x_T, cond, t, timesteps, noise_correction, **kw):
         seen["rollout_args"] = (student, x_T, t, timesteps, noise_correction)
-        seen["rollout"] = rollout(student, schedule, x_T, cond, t, timesteps, noise_correction)
+        seen["rollout"] = rollout(student, schedule, x_T, cond, t, timesteps, noise_correction, **kw)
         return seen["rollout"]
 
-    def student_x0_spy(student, schedule, x_t, t, cond):
+    def student_x0_spy(student, schedule, x_t, t, cond, *rest):
         seen["x_t"] = x_t
-        return student_x0(student, schedule, x_t, t, cond)
-    monkeypatch.setattr(distill, "backward_rollout", rollout_spy)
-    monkeypatch.setattr(distill, "student_x0", student_x0_spy)
+        return student_x0(student, schedule, x_t, t, cond, *rest)
+    monkeypatch.setattr(imagine_flash, "backward_rollout", rollout_spy)
+    monkeypatch.setattr(imagine_flash, "student_x0", student_x0_spy)
     d.train_step()
     student, x_T, t, timesteps, nc = seen["rollout_args"]
     assert student is d.student and torch.equal(x_T, draws["x_T"]) and t == 750 and timesteps == d.cfg.timesteps
@@ -460,15 +461,15 @@ def test_no_backward_uses_forward_noised_real_data(teacher, tmp_path, monkeypatc
 
     def forbidden(*args, **kwargs):
         raise AssertionError("no rollout with --no-backward")
-    student_x0 = distill.student_x0
+    student_x0 = imagine_flash.student_x0
 
-    def student_x0_spy(student, schedule, x_t, t, cond):
+    def student_x0_spy(student, schedule, x_t, t, cond, *rest):
         seen["x_t"], seen["t"] = x_t, t
-        return student_x0(student, schedule, x_t, t, cond)
-    monkeypatch.setattr(distill, "backward_rollout", forbidden)
-    monkeypatch.setattr(distill, "student_x0", student_x0_spy)
+        return student_x0(student, schedule, x_t, t, cond, *rest)
+    monkeypatch.setattr(imagine_flash, "backward_rollout", forbidden)
+    monkeypatch.setattr(imagine_flash, "student_x0", student_x0_spy)
     d.train_step()
-    draws = distill.draw_iteration(d.cfg, step, d.source.n, d.latent_shape)
+    draws = imagine_flash.draw_iteration(d.cfg, step, d.source.n, d.latent_shape)
     x0_real = d.source.images[draws["idx"]]
     a, s = alpha_sigma(d.schedule, 750)
     assert seen["t"] == 750
@@ -479,7 +480,7 @@ def test_recon_plain_targets_the_rollout_itself(teacher, tmp_path, monkeypatch):
     d = build(teacher, tmp_path, "--recon", "plain", "--no-disc")
     d.step = step_with_t(d.cfg, 500)
     seen = {}
-    plain, student_x0 = distill.plain_target, distill.student_x0
+    plain, student_x0 = imagine_flash.plain_target, imagine_flash.student_x0
 
     def plain_spy(teacher_, schedule, x_t, t, k, cond, null_cond, cfg_scale):
         seen["plain"] = (teacher_, x_t, t, k, cfg_scale)
@@ -488,12 +489,12 @@ def test_recon_plain_targets_the_rollout_itself(teacher, tmp_path, monkeypatch):
     def srl_forbidden(*args, **kwargs):
         raise AssertionError("--recon plain must not call srl_target")
 
-    def student_x0_spy(student, schedule, x_t, t, cond):
+    def student_x0_spy(student, schedule, x_t, t, cond, *rest):
         seen["x_t"] = x_t
-        return student_x0(student, schedule, x_t, t, cond)
-    monkeypatch.setattr(distill, "plain_target", plain_spy)
-    monkeypatch.setattr(distill, "srl_target", srl_forbidden)
-    monkeypatch.setattr(distill, "student_x0", student_x0_spy)
+        return student_x0(student, schedule, x_t, t, cond, *rest)
+    monkeypatch.setattr(imagine_flash, "plain_target", plain_spy)
+    monkeypatch.setattr(imagine_flash, "srl_target", srl_forbidden)
+    monkeypatch.setattr(imagine_flash, "student_x0", student_x0_spy)
     assert set(d.train_step()) == {"recon", "t", "grad_norm"}
     teacher_, x_t, t, k, w = seen["plain"]
     assert teacher_ is d.teacher and x_t is seen["x_t"] and t == 500 and k == d.cfg.k and w == d.cfg.cfg_scale

@@ -15,6 +15,7 @@ import torch
 
 import data
 import distill
+from methods import imagine_flash
 import engine
 import train
 from autoencoder import AutoencoderKL, fingerprint
@@ -159,7 +160,7 @@ def test_exported_student_loads_in_diffusers_with_our_numbers(ddp_run):
 # --------------------------------------------------------------------------------------------------
 def test_prompts_encoded_once_per_micro_batch(sd, captions, root, monkeypatch):
     cfg, _ = distill.parse_args(t2i_args(sd, captions, root / "once", "--global-batch", "4"))
-    d = distill.Distiller(cfg, engine.Dist())
+    d = distill.build(cfg, engine.Dist())
     assert d.accum == 2 and cfg.cfg_scale == 7.5 and cfg.k == 8 and cfg.disc == "unet" and cfg.timesteps == (999, 750, 500)
     d.pipe.encoder.null(1)  # c_∅ is computed once and cached
     calls = []
@@ -185,7 +186,7 @@ def test_projected_discriminator_sees_decoded_pixels(sd, captions, root, monkeyp
     from toyteacher import make_dinov2
     cfg, _ = distill.parse_args(t2i_args(sd, captions, root / "projected", "--disc", "projected", "--disc-vit",
                                          make_dinov2(str(root / "dinov2"))))
-    d = distill.Distiller(cfg, engine.Dist())
+    d = distill.build(cfg, engine.Dist())
     assert d.disc.heads[0].cond_proj.in_features == TEXT_DIM  # conditioned on the same text embeddings
     seen = []
     forward = d.disc.forward
@@ -241,7 +242,7 @@ def test_latent_cache_from_another_vae_size_or_folder_is_refused(sd, captions, p
     with pytest.raises(ValueError, match=r"holds 8 images, the caption folder has 5"):
         data.encode_latents(str(cache), data.CaptionFolder(fewer, size=IMAGE_SIZE), vae, engine.Dist())
     with pytest.raises(ValueError, match="needs an image–caption folder"):
-        distill.Distiller(distill.parse_args(t2i_args(sd, prompts, root / "x3", "--disc", "none",
+        distill.build(distill.parse_args(t2i_args(sd, prompts, root / "x3", "--disc", "none",
                                                       "--latent-cache", str(cache)))[0], engine.Dist())
     assert cache.read_bytes() == content
 

@@ -1,0 +1,14 @@
+"""
+Distillation methods, one file each, all run by distill.py on the same teacher, sampler and evaluation.
+
+Each file holds its Config (RunConfig + its own fields), PRESETS, its losses as functions returning per-sample
+terms, and a Method class whose `train_step` is the whole iteration, top to bottom. Methods import the shared
+modules (methods/common.py, sampler.py, schedule.py, discriminator.py, …), never each other.
+
+  imagine_flash   backward distillation, SRL, noise correction, adversarial term (Kohler et al. 2024)
+  dmd2            distribution matching with an online fake score, two time-scale updates, GAN head (Yin et al. 2024)
+  emd             EM distillation: Langevin E-step on (ε, z) with noise cancellation (Xie et al. 2024)
+"""
+from methods import imagine_flash
+
+METHODS = {"imagine_flash": imagine_flash}

@@ -1,0 +1,190 @@
+"""
+What every distillation method shares (a shared module: methods import it, never each other).
+
+  RunConfig     the run's fields: teacher, data, batch, optimiser, the student's timesteps, checkpoints, devices.
+                A method's Config adds its own fields and presets.
+  Distiller     builds the frozen teacher, the student (an exact copy of the teacher), its EMA, the data and the
+                student's optimiser; gives each micro-batch its conditions and real images; updates the student
+                (clip, Adam, EMA); samples a fixed grid with the student's own sampler. A method subclasses it,
+                builds its extra networks in `build_extra` and writes `train_step`.
+  student_x0    Eq. 5 with the student's ε̂, with gradient, at the time the student is told (first_t).
+  draw_timestep the training timestep of an iteration, the same on every rank.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import engine
+from data import Source
+from engine import arg
+from pipeline import encode_prompts, load_pipeline
+from sampler import cond_time, eps_fn_for, student_sample
+from schedule import VPSchedule
+
+
+@dataclass
+class RunConfig:
+    teacher: str = arg("runs/toy/teacher", "pipeline folder (train.py output, diffusers folder) or hub id")
+    data: str = arg("toy", "toy | cifar10:<root> | image–caption folder | prompts .txt (no real images)")
+    latent_cache: str = arg("", "safetensors file of the caption folder's VAE latents (encoded once, then reused)")
+    out: str = arg("runs/toy/student", "output folder (student/, state.safetensors, samples/, log.jsonl)")
+    steps: int = arg(600, "training iterations")
+    global_batch: int = arg(64, "samples per iteration over all processes")
+    micro_batch: int = arg(64, "samples per forward per process")
+    lr: float = arg(5e-6, "student learning rate")
+    adam_betas: tuple = arg((0.9, 0.999), "Adam betas")
+    grad_clip: float = arg(0.0, "clip the student's gradient to this global norm (0: off; the norm is logged anyway)")
+    timesteps: tuple = arg((999, 750, 500), "the student's inference timesteps; n steps = the first n")
+    first_t: int = arg(999, "the time the student is TOLD at its first step from pure noise (999: the paper; "
+                            "less: a deviation, see sampler.cond_time)")
+    ema_decay: float = arg(0.99, "EMA decay of the exported student")
+    seed: int = arg(0, "random seed")
+    toy_size: int = arg(16, "toy image size")
+    toy_images: int = arg(20000, "toy dataset size")
+    log_every: int = arg(25, "log line every N steps")
+    sample_every: int = arg(0, "sample grid every N steps (0: only at the end)")
+    ckpt_every: int = arg(200, "checkpoint every N steps")
+    resume: str = arg("", "checkpoint to resume, or 'auto' (<out>/state.safetensors if it exists)")
+    device: str = arg("auto", "auto | cpu | cuda")
+    bf16: bool = arg(False, "bf16 autocast (CUDA) and bf16 frozen networks")
+    grad_ckpt: bool = arg(False, "gradient checkpointing in the trainable networks")
+    compile: bool = arg(False, "torch.compile the teacher U-Net")
+
+
+def student_x0(student, schedule: VPSchedule, x_t: torch.Tensor, t: int, cond, first_t: int | None = None) -> torch.Tensor:
+    # Eq. 5 with the student's ε̂, with gradient: x̂_0^Θ = (x_t − σ_{t_c} ε̂_Θ(x_t, t_c, c)) / α_{t_c},
+    # t_c = t except at the first step from pure noise when first_t says otherwise (sampler.cond_time)
+    t_c = cond_time(t, schedule, first_t)
+    t_vec = torch.full((x_t.shape[0],), t_c, device=x_t.device, dtype=torch.long)
+    return schedule.x0_from_eps(x_t, student(x_t, t_vec, cond), t_c)
+
+
+def draw_timestep(timesteps: tuple, seed: int, step: int) -> int:
+    """The training t for this iteration, uniform over the student's timesteps. The generator depends only
+    on (seed, step), so every DDP rank draws the same t (equal work per rank) and resume is exact."""
+    g = engine.rank_generator(seed, step, stream=7)
+    return int(timesteps[torch.randint(len(timesteps), (1,), generator=g).item()])
+
+
+class Distiller:
+    """Teacher, student, EMA, data and the student's optimiser from a RunConfig; a method adds the rest."""
+
+    def __init__(self, cfg: RunConfig, dist: engine.Dist):
+        self.cfg, self.dist = cfg, dist
+        if list(cfg.timesteps) != sorted(set(cfg.timesteps), reverse=True) or not 0 <= min(cfg.timesteps) <= max(cfg.timesteps) < 1000:
+            raise ValueError(f"--timesteps must be distinct, descending, in [0, 999]; got {cfg.timesteps}")
+        if not 0 <= cfg.first_t < 1000:
+            raise ValueError(f"--first-t must be in [0, 999]; got {cfg.first_t}")
+        self.accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
+        device = dist.device
+
+        pipe = load_pipeline(cfg.teacher)
+        self.pipe, self.schedule = pipe, pipe.schedule
+        # the frozen teacher: eval, no grad, never wrapped in DDP; bf16 at scale
+        self.teacher = pipe.unet.to(device).eval().requires_grad_(False)
+        if pipe.encoder is not None:
+            pipe.encoder.to(device)
+        pipe.autoencoder.to(device)
+        # the student starts as an exact copy of the teacher (fp32 master weights)
+        self.student = copy.deepcopy(self.teacher).float().train().requires_grad_(True)
+        self.student.gradient_checkpointing = cfg.grad_ckpt
+        self.ema = copy.deepcopy(self.student).eval().requires_grad_(False)
+
+        self.latent_shape = pipe.latent_shape()
+        image_size = self.latent_shape[-1] * pipe.autoencoder.downscale  # the teacher's pixel resolution
+        self.source = Source(cfg.data, toy_images=cfg.toy_images, toy_size=cfg.toy_size, seed=cfg.seed, size=image_size)
+        if self.needs_images() and not self.source.has_images:
+            raise ValueError(f"{cfg.data} has prompts only: this configuration needs real images "
+                             "(use --disc none, or an image–caption folder)")
+        if cfg.latent_cache:  # the VAE runs over the caption folder once; get() then returns latents
+            self.source.use_latents(cfg.latent_cache, pipe.autoencoder, dist, cfg.micro_batch)
+        self.build_extra()  # the method's own networks, from the fp32 teacher
+
+        # at scale the frozen networks (teacher, VAE, text encoder) run in bf16: half the memory and bandwidth.
+        # Cast last: the latent cache is fingerprinted and the method's copies made from fp32 weights. What the
+        # frozen networks produce is cast back to fp32 where trainable networks read it.
+        self.frozen_dtype = torch.bfloat16 if (cfg.bf16 and device.type == "cuda") else torch.float32
+        for frozen in (self.teacher, pipe.autoencoder, pipe.encoder):
+            if frozen is not None:
+                frozen.to(self.frozen_dtype)
+
+        self.opt_g = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        # only the trainable networks are wrapped for gradient averaging across ranks
+        self.student_ddp = self.wrap(self.student)
+        self.teacher_fn = torch.compile(self.teacher) if cfg.compile else self.teacher
+        self.step = 0
+
+    # --- what a method overrides --------------------------------------------------------------------
+    def needs_images(self) -> bool:
+        return False
+
+    def build_extra(self) -> None:
+        """Build the method's extra networks and optimisers (discriminator, fake score, …)."""
+
+    def sampler_spec(self) -> dict:
+        """How this student samples (written to its pipeline.json; evaluate.py and the rollout read it)."""
+        return {"kind": "ddim", "timesteps": list(self.cfg.timesteps), "noise_correction": True,
+                "first_t": self.cfg.first_t}
+
+    def state(self) -> tuple[dict, dict]:
+        """The modules and optimisers that make up a checkpoint."""
+        return {"student": self.student, "ema": self.ema}, {"opt_g": self.opt_g}
+
+    # --- shared machinery ---------------------------------------------------------------------------
+    def wrap(self, module):
+        return DDP(module) if self.dist.world > 1 else module
+
+    def micro_slices(self):
+        """(micro index, slice of the global batch) for this rank."""
+        b = self.cfg.micro_batch
+        for m in range(self.accum):
+            start = (m * self.dist.world + self.dist.rank) * b
+            yield m, slice(start, start + b)
+
+    def sync(self, m: int) -> bool:
+        """Average gradients across ranks on the last micro-batch only (no_sync before it)."""
+        return m == self.accum - 1 or self.dist.world == 1
+
+    def decode(self, z):
+        return self.pipe.autoencoder.decode(z.to(self.frozen_dtype)).float()  # identity in pixel space
+
+    @torch.no_grad()
+    def conditions(self, idx: torch.Tensor, need_images: bool = True):
+        """(c, c_∅, x0_real) for the data indices of one micro-batch: the prompts' embeddings (shared by every
+        network) and the real images in the diffusion space (cached latents, or encoded now), or None."""
+        images, prompts = self.source.get(idx.cpu())
+        cond, null_cond = encode_prompts(self.pipe.encoder, prompts, self.dist.device)
+        if cond is not None:
+            cond, null_cond = cond.float(), null_cond.float()
+        x0_real = None
+        if images is not None and need_images:
+            x0_real = images.to(self.dist.device) if self.source.encoded else \
+                self.pipe.autoencoder.encode(images.to(self.dist.device, self.frozen_dtype)).float()
+        return cond, null_cond, x0_real
+
+    def update_student(self) -> float:
+        """Clip (when cfg.grad_clip > 0), Adam, EMA. Returns the global gradient norm (after DDP's averaging)."""
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip).item()
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        engine.update_ema(self.ema, self.student, self.cfg.ema_decay)
+        return norm
+
+    @torch.no_grad()
+    def samples(self, n: int = 12) -> torch.Tensor:
+        """A fixed grid from the EMA student with its own sampler: same seeds and prompts every time."""
+        g = torch.Generator().manual_seed(1234)
+        x_T = torch.randn(n, *self.latent_shape, generator=g).to(self.dist.device)
+        if self.source.prompts is not None:  # toy: one sample per class
+            prompts = torch.arange(n) % int(self.source.prompts.max() + 1)
+        elif self.pipe.encoder is not None:  # the first n captions of the data
+            prompts = self.source.get(torch.arange(n) % self.source.n)[1]
+        else:
+            prompts = None
+        cond, _ = encode_prompts(self.pipe.encoder, prompts, self.dist.device)
+        cond = cond.float() if cond is not None else None
+        x = student_sample(eps_fn_for(self.ema, cond), self.schedule, x_T, self.sampler_spec(), generator=g)
+        return self.decode(x).clamp(-1, 1)

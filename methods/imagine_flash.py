@@ -1,0 +1,325 @@
+"""
+Imagine Flash (Kohler et al. 2024; METHOD.md): backward distillation, the shifted reconstruction loss, noise
+correction and an adversarial term distil a noise-predicting teacher into a 1–3 step student.
+
+One iteration (ImagineFlash.train_step), each piece a named function below:
+  1. draw conditions c, noise x_T ~ N(0, I) and the training timestep t from the student's timesteps
+  2. backward_rollout   (Eq. 7)  x^Θ_{T→t}: the student's own sampler from x_T down to t, no gradient
+     forward_noising    (Eq. 6)  the "w/o backward distillation" ablation: q(x_0, ε, t) of a data sample
+  3. student_x0         (Eq. 5)  x̂_0^Θ = x̂_0(x^Θ_{T→t}, ε̂_Θ, t), with gradient (methods/common.py)
+  4. srl_target         (Eq. 8)  the teacher's k-step x̂_0 from the student's own x̂_0 re-noised to γ(t)
+     plain_target       (Eq. 7)  … from x^Θ_{T→t} itself;   --recon none: no reconstruction term
+  5. adversarial term            generator hinge loss on x̂_0^Θ; the discriminator steps on real vs fake
+  6. loss = ‖target − x̂_0^Θ‖² + λ_adv · L_G;  Adam; EMA of the student
+
+    python distill.py --method imagine_flash --preset toy --teacher runs/demo/teacher
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import engine
+from discriminator import (ProjectedDiscriminator, UNetDiscriminator, d_hinge_loss, g_hinge_loss, noise_pair,
+                           r1_penalty)
+from engine import arg
+from methods.common import Distiller, RunConfig, draw_timestep, student_x0
+from sampler import eps_fn_for, sample, uniform
+from schedule import VPSchedule
+
+
+# --------------------------------------------------------------------------------------------------
+# config and presets: plain data, one place; every field is also a command-line flag
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Config(RunConfig):
+    lr_disc: float = arg(1e-4, "discriminator learning rate (paper: 1e-4)")
+    noise_correction: bool = arg(True, "Eq. 9 in the rollout and at inference")
+    recon: str = arg("srl", "srl (Eq. 8) | plain (Eq. 7) | none (discriminator only)")
+    recon_weight: str = arg("x0", "x0 (paper: plain MSE on x̂_0) | snr (× α²/σ², the error in ε̂) | sqrt_snr (× α/σ)")
+    backward: bool = arg(True, "backward rollout (off: forward-noised data, Eq. 6)")
+    k: int = arg(8, "teacher DDIM steps in the target")
+    cfg_scale: float = arg(2.0, "guidance scale of the teacher's target (the student runs without CFG)")
+    # γ(t) as data: (threshold, γ) pairs, the first with t > threshold applies. Paper: 990 / 950 / 200.
+    gamma: tuple = arg(((900, 990), (500, 950), (-1, 200)), "γ table as threshold:gamma pairs (Eq. 8)")
+    disc: str = arg("unet", "unet (teacher encoder) | projected (frozen ViT) | none")
+    disc_vit: str = arg("facebook/dinov2-small", "ViT folder / hub id for --disc projected")
+    lambda_adv: float = arg(0.1, "weight of the adversarial term")
+    disc_t_max: int = arg(750, "the diffusion-GAN timestep s ~ U[0, disc_t_max) of the U-Net discriminator")
+    r1: float = arg(0.0, "R1 penalty weight on real inputs (0: off)")
+
+
+PRESETS = {
+    # CPU, ~7.5 min on 2 cores: the embedded demo (README, "Results"; every choice below measured at toy scale, docs/tuning.md):
+    # - timesteps 999/666/333 (the teacher's DDIM 3-step set) rather than the paper's 999/750/500: at 16×16 the
+    #   last step from t = 500 leaves too much to one x̂_0 (toy FD 1.26 vs 1.53 at equal cost)
+    # - recon "plain" (Eq. 7): with the paper's γ (990/950/200) SRL erases almost all of a 16×16 image and its
+    #   target becomes an unrelated fresh sample; an SNR-matched γ (36× the SNR: 603/536/9, see
+    #   snr_matched_gamma) was also worse than plain here. The γ below is that SNR-matched table, used with --recon srl.
+    # - lr 1e-4 instead of 5e-6 and 800 iterations of 16 instead of 15k: more, smaller steps beat 400 × 32 at the
+    #   same cost (0.91 vs 1.26); 3e-4 destabilised the adversarial game, λ_adv 0.2 was worse than 0.1.
+    "toy": Config(recon="plain", gamma=((900, 603), (500, 536), (-1, 9)), timesteps=(999, 666, 333), lr=1e-4,
+                  steps=800, global_batch=16, micro_batch=16, lambda_adv=0.1, ckpt_every=200),
+    # One GPU, DDPM-CIFAR10 teacher (google/ddpm-cifar10-32 downloaded to a folder, or train.py --preset cifar10).
+    # Unconditional: no CFG, the discriminator sees no condition. Linear β: ε̂ errors at t = 999 are amplified
+    # 157× in x̂_0, so noise correction matters most here.
+    "cifar10": Config(teacher="google/ddpm-cifar10-32", data="cifar10:data/cifar10", out="runs/cifar10/student",
+                      steps=20000, global_batch=128, micro_batch=128, lr=1e-5, cfg_scale=1.0, lambda_adv=0.1,
+                      ema_decay=0.999, toy_images=0, log_every=100, sample_every=1000, ckpt_every=1000, bf16=True),
+    # SD-1.5 on 8 GPUs (README, "Text-to-image"): latent 4×64×64 (the U-Net's sample_size; the schedule is the
+    # folder's scheduler config: scaled_linear 0.00085 → 0.012), CFG 7.5 for the target, paper's γ and k = 8,
+    # the U-Net-encoder discriminator in latent space (--disc projected --disc-vit <DINOv2 folder>: on pixels).
+    "t2i": Config(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/student",
+                  steps=15000, global_batch=256, micro_batch=8, lr=5e-6, lr_disc=1e-4, cfg_scale=7.5,
+                  lambda_adv=0.05, ema_decay=0.999, toy_images=0, log_every=50, sample_every=1000,
+                  ckpt_every=1000, bf16=True, grad_ckpt=True),
+    # a small pixel-space text-to-image teacher of your own (train.py --preset t2i_small), 32×32, one GPU
+    "t2i_small": Config(teacher="runs/t2i_small/teacher", data="data/captions", out="runs/t2i_small/student",
+                        steps=5000, global_batch=128, micro_batch=64, lr=1e-5, cfg_scale=4.0, lambda_adv=0.1,
+                        ema_decay=0.999, toy_images=0, log_every=50, sample_every=500, ckpt_every=500, bf16=True),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# the method, one function per piece
+# --------------------------------------------------------------------------------------------------
+def gamma_of(t: int, gamma: tuple) -> int:
+    """γ(t) from the preset's table: the first (threshold, γ) with t > threshold."""
+    for threshold, g in gamma:
+        if t > threshold:
+            return int(g)
+    raise ValueError(f"γ table {gamma} does not cover t = {t}")
+
+
+@torch.no_grad()
+def backward_rollout(student, schedule: VPSchedule, x_T: torch.Tensor, cond, t: int, timesteps: tuple,
+                     noise_correction: bool, first_t: int | None = None) -> torch.Tensor:
+    # Eq. 7: x^Θ_{T→t} = stopgrad(f_Θ^{|T−t|}(x_T)): the student's own sampler (the very function used at
+    # inference, Eq. 9 included) through the inference timesteps above t. No data sample enters.
+    above = [s for s in timesteps if s > t]
+    return sample(eps_fn_for(student, cond), schedule, x_T, above, noise_correction=noise_correction, t_end=t,
+                  first_t=first_t)
+
+
+def forward_noising(schedule: VPSchedule, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    # Eq. 6 (ablation "w/o backward distillation"): x_t = q(x_0, ε, t) still carries α_t x_0 of a real image,
+    # a signal the student never sees at inference ("information leakage")
+    return schedule.q_sample(x0, eps, t)
+
+
+@torch.no_grad()
+def teacher_x0(teacher, schedule: VPSchedule, x_start: torch.Tensor, t_start: int, k: int, cond, null_cond,
+               cfg_scale: float) -> torch.Tensor:
+    """x̂_0(f_Φ^k(x_start), ε̂_Φ, t_start/k): k time-uniform DDIM steps of the CFG-guided teacher from t_start,
+    the last one returning x̂_0 (the target of Eq. 6, 7 and 8)."""
+    return sample(eps_fn_for(teacher, cond, null_cond, cfg_scale), schedule, x_start, uniform(t_start, k))
+
+
+@torch.no_grad()
+def plain_target(teacher, schedule, x_t, t, k, cond, null_cond, cfg_scale) -> torch.Tensor:
+    # Eq. 7's target: the teacher starts from x^Θ_{T→t} itself
+    return teacher_x0(teacher, schedule, x_t, t, k, cond, null_cond, cfg_scale)
+
+
+@torch.no_grad()
+def srl_target(teacher, schedule, x0_student, eps_prime, t, gamma, k, cond, null_cond, cfg_scale) -> torch.Tensor:
+    # Eq. 8, Shifted Reconstruction Loss: re-noise the student's own x̂_0 (detached: the target carries no graph)
+    # to the shifted time γ(t), χ = q(x̂_0^Θ, ε', γ(t)), and let the teacher reconstruct it in k steps.
+    # High t: the teacher keeps the student's layout and fixes semantics; low t: it sharpens detail.
+    g = gamma_of(t, gamma)
+    chi = schedule.q_sample(x0_student.detach(), eps_prime, g)
+    return teacher_x0(teacher, schedule, chi, g, k, cond, null_cond, cfg_scale)
+
+
+def reconstruction_loss(x0_hat: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    # ‖target − x̂_0^Θ‖², mean over pixels: one value per sample (B,)
+    return weight * (target - x0_hat).pow(2).flatten(1).mean(1)
+
+
+def recon_weight(kind: str, schedule: VPSchedule, t: int) -> float:
+    """The reconstruction loss's weight at t. "x0" (the paper): 1. "snr": α_t²/σ_t², which turns the x̂_0 error
+    into the ε̂ error behind it (x̂_0 = (x_t − σ_t ε̂)/α_t, so δx̂_0 = −(σ_t/α_t) δε̂). Why it can matter: at t = 999
+    the x̂_0 loss is (σ/α)² ≈ 213× the ε̂ loss (scaled_linear), so with the x̂_0 loss the gradients of the t = 999
+    iterations dominate Adam's running scale and the later steps, which make the final image, learn slowly."""
+    if kind == "x0":
+        return 1.0
+    if kind == "snr":
+        return float(schedule.snr(t))
+    if kind == "sqrt_snr":
+        return float(schedule.snr(t)) ** 0.5
+    raise ValueError(f"unknown recon weight {kind!r}; choose x0, snr or sqrt_snr")
+
+
+def snr_matched_gamma(gamma: tuple, factor: float, schedule: VPSchedule) -> tuple:
+    """Translate a γ table to another resolution by matching signal-to-noise ratio: γ' has SNR(γ') =
+    factor · SNR(γ). For a world with fewer pixels per object, noise at a given SNR destroys more, so
+    factor > 1 (e.g. (768 px latent 96 / 16)² = 36 from Emu to a 16×16 toy)."""
+    snr = schedule.snr(torch.arange(schedule.T))
+    out = []
+    for threshold, g in gamma:
+        target = factor * schedule.snr(g).item()
+        out.append((threshold, int((snr - target).abs().argmin())))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# data: conditions (always) and real images (for the discriminator and Eq. 6)
+# --------------------------------------------------------------------------------------------------
+def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> dict:
+    """All the randomness of one iteration for the GLOBAL batch, from a generator that depends only on
+    (seed, step). Each rank and micro-batch takes its slice, so 2 processes × b see exactly what
+    1 process × 2b sees, and a resumed run continues exactly."""
+    g = engine.rank_generator(cfg.seed, step)
+    n = cfg.global_batch
+    return {
+        "idx": torch.randint(n_data, (n,), generator=g),
+        "x_T": torch.randn(n, *latent_shape, generator=g),  # the rollout's starting noise
+        "eps": torch.randn(n, *latent_shape, generator=g),  # ε of Eq. 6 (forward noising ablation)
+        "eps_prime": torch.randn(n, *latent_shape, generator=g),  # ε' of Eq. 8 (SRL re-noising)
+        "s": torch.randint(0, max(cfg.disc_t_max, 1), (n,), generator=g),  # diffusion-GAN timestep
+        "eps_real": torch.randn(n, *latent_shape, generator=g),
+        "eps_fake": torch.randn(n, *latent_shape, generator=g),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# one training iteration
+# --------------------------------------------------------------------------------------------------
+def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, null_cond, x0_real, eps_prime,
+                   s, eps_real, eps_fake, decode=None) -> tuple[dict, torch.Tensor]:
+    """Steps 3–5 for one micro-batch: ({term: (B,)}, x̂_0^Θ). The loop weights and reduces."""
+    x0_hat = student_x0(student, schedule, x_t, t, cond, cfg.first_t)  # step 3 (Eq. 5), with gradient
+    terms = {}
+    if cfg.recon != "none":
+        if cfg.recon == "srl":
+            target = srl_target(teacher, schedule, x0_hat, eps_prime, t, cfg.gamma, cfg.k, cond, null_cond, cfg.cfg_scale)
+        else:
+            target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
+        terms["recon"] = reconstruction_loss(x0_hat, target, recon_weight(cfg.recon_weight, schedule, t))
+    if disc is not None:
+        terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond, decode))
+    return terms, x0_hat
+
+
+def disc_logits(cfg: Config, disc, schedule, x0, s, eps, cond, decode=None) -> torch.Tensor:
+    """D on (noised, for the U-Net discriminator) inputs; the projected one sees pixels."""
+    if cfg.disc == "unet":
+        return disc(schedule.q_sample(x0, eps, s), s, cond)
+    return disc(decode(x0) if decode is not None else x0, None, cond)
+
+
+def disc_loss(cfg: Config, disc, schedule, x0_real, x0_fake, s, eps_real, eps_fake, cond, decode=None) -> dict:
+    """The discriminator's per-sample hinge loss (and R1) on real data vs DETACHED student samples."""
+    x0_fake = x0_fake.detach()  # the D step must not reach back into the student
+    if cfg.r1 > 0:
+        x0_real = x0_real.detach().requires_grad_(True)
+    # R1 backpropagates through ∇_x D (create_graph): only the math attention kernel has that double backward
+    with sdpa_kernel(SDPBackend.MATH) if cfg.r1 > 0 else nullcontext():
+        if cfg.disc == "unet":
+            x_real, x_fake = noise_pair(schedule, x0_real, x0_fake, s, eps_real, eps_fake)
+            both = disc(torch.cat([x_real, x_fake]), torch.cat([s, s]), None if cond is None else torch.cat([cond, cond]))
+        else:
+            if decode is not None:
+                x0_real, x0_fake = decode(x0_real), decode(x0_fake)
+            both = disc(torch.cat([x0_real, x0_fake]), None, None if cond is None else torch.cat([cond, cond]))
+        logits_real, logits_fake = both.chunk(2)
+        terms = {"d": d_hinge_loss(logits_real, logits_fake)}
+        if cfg.r1 > 0:
+            terms["r1"] = cfg.r1 * r1_penalty(logits_real, x0_real)
+    return terms
+
+
+# --------------------------------------------------------------------------------------------------
+# the iteration
+# --------------------------------------------------------------------------------------------------
+class ImagineFlash(Distiller):
+    """The shared Distiller (teacher, student, EMA, data) plus the discriminator and its optimiser."""
+
+    def __init__(self, cfg: Config, dist: engine.Dist):
+        if cfg.recon not in ("srl", "plain", "none"):
+            raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
+        if cfg.recon_weight not in ("x0", "snr", "sqrt_snr"):
+            raise ValueError(f"--recon-weight must be x0, snr or sqrt_snr, got {cfg.recon_weight!r}")
+        if cfg.disc not in ("unet", "projected", "none"):
+            raise ValueError(f"--disc must be unet, projected or none, got {cfg.disc!r}")
+        if cfg.recon == "none" and cfg.disc == "none":
+            raise ValueError("--recon none with --disc none leaves no loss to train on")
+        super().__init__(cfg, dist)
+
+    def needs_images(self) -> bool:
+        return self.cfg.disc != "none" or not self.cfg.backward
+
+    def build_extra(self) -> None:
+        cfg, device = self.cfg, self.dist.device
+        self.disc = None
+        if cfg.disc == "unet":
+            self.disc = UNetDiscriminator(self.teacher).float().to(device)
+            self.disc.encoder.gradient_checkpointing = cfg.grad_ckpt
+        elif cfg.disc == "projected":
+            cond_dim = self.pipe.encoder.dim if self.pipe.encoder is not None else None
+            self.disc = ProjectedDiscriminator.from_pretrained(cfg.disc_vit, cond_dim=cond_dim).to(device)
+        self.opt_d = (torch.optim.Adam([p for p in self.disc.parameters() if p.requires_grad], lr=cfg.lr_disc,
+                                       betas=tuple(cfg.adam_betas)) if self.disc is not None else None)
+        self.disc_ddp = self.wrap(self.disc) if self.disc is not None else None
+
+    def sampler_spec(self) -> dict:
+        return {"kind": "ddim", "timesteps": list(self.cfg.timesteps), "noise_correction": self.cfg.noise_correction,
+                "first_t": self.cfg.first_t}
+
+    def state(self) -> tuple[dict, dict]:
+        modules, optimizers = super().state()
+        if self.disc is not None:
+            modules["disc"], optimizers["opt_d"] = self.disc, self.opt_d
+        return modules, optimizers
+
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step
+        t = draw_timestep(cfg.timesteps, cfg.seed, step)  # step 1: same t on every rank
+        draws = draw_iteration(cfg, step, self.source.n, self.latent_shape)
+        logs, fakes = {}, []
+        decode = self.decode if cfg.disc == "projected" else None
+
+        # ---- student (generator) update ----------------------------------------------------------
+        if self.disc is not None:
+            self.disc.requires_grad_(False)  # the G step's gradient must not land in D
+        for m, sl in self.micro_slices():
+            d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
+            cond, null_cond, x0_real = self.conditions(d["idx"])
+            with engine.autocast(self.dist, cfg.bf16):
+                if cfg.backward:  # step 2
+                    x_t = backward_rollout(engine.unwrap(self.student_ddp), self.schedule, d["x_T"], cond, t,
+                                           cfg.timesteps, cfg.noise_correction, first_t=cfg.first_t)
+                else:
+                    x_t = forward_noising(self.schedule, x0_real, d["eps"], t)
+                with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
+                    terms, x0_hat = student_losses(cfg, self.student_ddp, self.teacher_fn, self.disc, self.schedule,
+                                                   x_t, t, cond, null_cond, x0_real, d["eps_prime"], d["s"],
+                                                   d["eps_real"], d["eps_fake"], decode)
+                    loss = terms.get("recon", 0) + cfg.lambda_adv * terms.get("adv_g", 0)  # step 6
+                    (loss.mean() / self.accum).backward()
+            fakes.append((x0_hat.detach(), x0_real, d, cond))
+            for k, v in terms.items():
+                logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum
+        logs["grad_norm"] = self.update_student()  # clip, Adam, EMA
+
+        # ---- discriminator update ---------------------------------------------------------------
+        if self.disc is not None:
+            self.disc.requires_grad_(True)
+            if cfg.disc == "projected":
+                self.disc.vit.requires_grad_(False)
+            for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
+                with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), engine.autocast(self.dist, cfg.bf16):
+                    dterms = disc_loss(cfg, self.disc_ddp, self.schedule, x0_real, x0_fake, d["s"], d["eps_real"],
+                                       d["eps_fake"], cond, decode)
+                    (sum(v.mean() for v in dterms.values()) / self.accum).backward()
+                for k, v in dterms.items():
+                    logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum
+            self.opt_d.step()
+            self.opt_d.zero_grad(set_to_none=True)
+        self.step += 1
+        logs["t"] = t
+        return logs
+
+
+Method = ImagineFlash

@@ -9,6 +9,8 @@ What every distillation method shares (a shared module: methods import it, never
                 builds its extra networks in `build_extra` and writes `train_step`.
   student_x0    Eq. 5 with the student's ε̂, with gradient, at the time the student is told (first_t).
   draw_timestep the training timestep of an iteration, the same on every rank.
+  fake_score_loss, dm_gradient, dm_surrogate   distribution matching (DMD2, EMD): the online fake score's ε-loss,
+                the normalised score-difference gradient and the surrogate loss that applies it.
 """
 import copy
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import engine
 from data import Source
 from engine import arg
 from pipeline import encode_prompts, load_pipeline
-from sampler import cond_time, eps_fn_for, student_sample
+from sampler import cond_time, eps_fn_for, guided_eps, student_sample
 from schedule import VPSchedule
 
 
@@ -188,3 +190,37 @@ class Distiller:
         cond = cond.float() if cond is not None else None
         x = student_sample(eps_fn_for(self.ema, cond), self.schedule, x_T, self.sampler_spec(), generator=g)
         return self.decode(x).clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# distribution matching (shared by dmd2 and emd)
+# --------------------------------------------------------------------------------------------------
+def fake_score_loss(fake, schedule: VPSchedule, x0_fake: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                    cond) -> torch.Tensor:
+    # the fake score's denoising loss (DMD2 Eq. 6 / the standard ε-loss) on generator samples:
+    # ‖ε̂_φ(q(sg(x̂_0^θ), ε, t), t, c) − ε‖², mean over pixels, one value per sample (B,). t: (B,) timesteps.
+    x0_fake = x0_fake.detach()  # stop-gradient: the fake score's step never reaches the generator
+    x_t = schedule.q_sample(x0_fake, eps, t)  # Eq. 1
+    return (fake(x_t, t, cond).float() - eps).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def dm_gradient(teacher, fake, schedule: VPSchedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond,
+                null_cond, cfg_scale: float) -> torch.Tensor:
+    """The distribution-matching gradient (DMD Eq. 7 with DMD2's normalisation), no graph: at x_t = q(sg(x̂_0), ε, t)
+        g = (x̂_0^fake − x̂_0^real) / mean_pixels |x̂_0 − x̂_0^real|        (per sample)
+    real = the frozen teacher with CFG (cfg_scale), fake = φ without guidance. −g points from the fake toward
+    the real distribution: a step x̂_0 − g moves the generator's samples toward the teacher's."""
+    x0 = x0.detach().float()  # stop-gradient: both scores are read at sg(x̂_0^θ)
+    x_t = schedule.q_sample(x0, eps, t)  # Eq. 1
+    x0_real = schedule.x0_from_eps(x_t, guided_eps(teacher, x_t, t, cond, null_cond, cfg_scale).float(), t)  # Eq. 5
+    x0_fake = schedule.x0_from_eps(x_t, fake(x_t, t, cond).float(), t)  # Eq. 5
+    norm = (x0 - x0_real).abs().flatten(1).mean(1)  # DMD's per-sample normaliser, (B,)
+    return torch.nan_to_num((x0_fake - x0_real) / norm.view(-1, *[1] * (x0.ndim - 1)))
+
+
+def dm_surrogate(x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # the surrogate whose gradient w.r.t. x̂_0 is g: ½‖x̂_0^θ − sg(x̂_0^θ − g)‖², mean over pixels (DMD2's
+    # reduction, ‖·‖²/D), one value per sample (B,). d/dx̂_0 = g/D; the value itself is ½ mean(g²).
+    target = (x0 - g).detach()  # stop-gradient: the target carries no graph
+    return 0.5 * (x0 - target).pow(2).flatten(1).mean(1)

@@ -76,6 +76,7 @@ class Config:
     sample_every: int = 0  # 0: only at the end
     ckpt_every: int = 200
     resume: str = ""  # a state.safetensors path, or "auto": <out>/state.safetensors if it exists
+    overwrite: bool = False  # replace a run already in --out (without it, a new run there is refused)
     device: str = "auto"
     bf16: bool = False  # bf16 autocast (CUDA) and a bf16 teacher
     grad_ckpt: bool = False  # gradient checkpointing in student and discriminator
@@ -277,11 +278,45 @@ def disc_loss(cfg: Config, disc, schedule, x0_real, x0_fake, s, eps_real, eps_fa
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
+# what a resumed run may change: its length, logging, learning rates and how it runs; everything else
+# (the networks, the method, the data, the seed) would silently make another run, so it is refused
+RESUME_CHANGEABLE = frozenset({"steps", "lr", "lr_disc", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume",
+                               "overwrite", "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "preset"})
+
+
+def validate(cfg: Config) -> None:
+    """The whole config, before anything is loaded or written: one ValueError line for the first nonsense value."""
+    engine.validate_common(cfg)
+    checks = [
+        (cfg.k >= 1, f"--k must be ≥ 1 teacher step, got {cfg.k}"),
+        (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
+        (cfg.lr_disc > 0, f"--lr-disc must be > 0, got {cfg.lr_disc}"),
+        (cfg.lambda_adv >= 0, f"--lambda-adv must be ≥ 0, got {cfg.lambda_adv}"),
+        (cfg.r1 >= 0, f"--r1 must be ≥ 0, got {cfg.r1}"),
+        (cfg.grad_clip >= 0, f"--grad-clip must be ≥ 0 (0: off), got {cfg.grad_clip}"),
+        (1 <= cfg.disc_t_max <= 1000, f"--disc-t-max must be in [1, 1000], got {cfg.disc_t_max}"),
+        (cfg.sample_every >= 0, f"--sample-every must be ≥ 0 (0: at the end), got {cfg.sample_every}"),
+        (len(cfg.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.adam_betas),
+         f"--adam-betas must be two numbers in [0, 1), got {cfg.adam_betas}"),
+        (len(cfg.timesteps) >= 1, "--timesteps must list at least one timestep"),
+        (all(len(pair) == 2 for pair in cfg.gamma), f"--gamma must be threshold:gamma pairs, got {cfg.gamma}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if cfg.recon == "srl":  # every timestep the student trains at has its γ, and each γ is a timestep ≥ k
+        for t in cfg.timesteps:
+            g = gamma_of(t, cfg.gamma)
+            if not cfg.k <= g <= 999:
+                raise ValueError(f"--gamma gives γ({t}) = {g}: it must be a timestep in [k = {cfg.k}, 999]")
+
+
 class Distiller:
     """Builds teacher, student, EMA, discriminator, optimizers and data from a Config, and steps them."""
 
     def __init__(self, cfg: Config, dist: engine.Dist):
         self.cfg, self.dist = cfg, dist
+        validate(cfg)
         if cfg.recon not in ("srl", "plain", "none"):
             raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
         if cfg.recon_weight not in ("x0", "snr", "sqrt_snr"):
@@ -463,6 +498,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
         "r1": "R1 penalty weight", "ema_decay": "EMA decay", "seed": "random seed", "toy_size": "toy image size",
         "toy_images": "toy dataset size", "log_every": "log line every N steps", "sample_every": "sample grid every N steps (0: end)",
         "ckpt_every": "checkpoint every N steps", "resume": "checkpoint to resume, or 'auto'",
+        "overwrite": "replace the run already in --out (its checkpoint and log are removed)",
         "device": "auto | cpu | cuda", "bf16": "bf16 autocast on CUDA", "grad_ckpt": "gradient checkpointing",
         "compile": "torch.compile the U-Nets",
     }
@@ -503,12 +539,17 @@ def main(argv=None) -> None:
 
 
 def run(cfg: Config, preset: str, dist: engine.Dist) -> "Distiller":
-    from tqdm.auto import tqdm
+    cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     distiller = Distiller(cfg, dist)
+    lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
     state_path = os.path.join(cfg.out, "state.safetensors")
-    resume = state_path if cfg.resume == "auto" and os.path.isfile(state_path) else (cfg.resume if cfg.resume != "auto" else "")
+    resume = engine.resume_path(cfg.out, cfg.resume)
     if resume:
-        meta = engine.load_state(resume, *distiller.state())
+        meta = engine.load_state(resume, *distiller.state(), config={"preset": preset, **dataclasses.asdict(cfg)},
+                                 changeable=RESUME_CHANGEABLE)
+        engine.set_lr(distiller.opt_g, cfg.lr)  # the new run's learning rates, not the checkpoint's
+        if distiller.opt_d is not None:
+            engine.set_lr(distiller.opt_d, cfg.lr_disc)
         distiller.step = meta["step"]
         engine.print0(f"resumed from {resume} at step {distiller.step}")
     if dist.main:
@@ -518,10 +559,12 @@ def run(cfg: Config, preset: str, dist: engine.Dist) -> "Distiller":
     engine.print0(f"distill: preset {preset}, {dist.world} process(es), accumulation {distiller.accum}, "
                   f"student {sum(p.numel() for p in distiller.student.parameters()) / 1e6:.2f}M params, "
                   f"disc {cfg.disc}, recon {cfg.recon}, backward {cfg.backward}, γ {cfg.gamma}")
-    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=distiller.step, desc="distill", disable=not dist.main, leave=False)
+    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
+                           start=distiller.step)
+    bar = engine.progress_bar(cfg.steps, distiller.step, "distill", dist)
     while distiller.step < cfg.steps:
         logs = distiller.train_step()
+        engine.check_finite(distiller.step, logs, distiller.student)  # NaN/Inf: stop before anything is written
         t = logs.pop("t")
         if "recon" in logs:  # the reconstruction loss at each of the student's timesteps: which step is learnt
             logs[f"recon@{t}"] = logs["recon"]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import engine
 from pipeline import encode_prompts, load_pipeline
 from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_timesteps, trailing
 
@@ -245,8 +246,10 @@ def ablation(args, device) -> None:
         out = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
         tqdm.write(f"ablation: {name}: distill.py {' '.join(flags)}")
         if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
-            distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, *flags, *args.distill_args]),
-                        distill_dist(device))
+            # --resume auto: a row interrupted before its export continues from its checkpoint
+            distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, "--resume", "auto", *flags,
+                                             *args.distill_args]), distill_dist(device))
+            engine.release_run()
         nc = "--no-noise-correction" not in flags
         keep = lambda row, nc=nc: row["name"] == ("student 3 steps" if nc else "student 3 steps w/o NC")  # noqa: E731
         r = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,

@@ -1,0 +1,230 @@
+"""Trust on the user's path (issue 11): no lost or poisoned work, one-line errors. A run that goes NaN keeps the
+last good checkpoint; a new run never overwrites a finished one; one run per folder; what a resumed run may
+change; nonsense numbers and bad files end in one line and exit code 2; Ctrl-C ends cleanly. Tiny teacher
+(tests/toyteacher.py), seconds each."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import distill
+import engine
+import train
+from toyteacher import TINY, make_teacher, tiny_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
+
+
+def fast(teacher, out, *extra):
+    """One-second toy runs: no discriminator, k = 2 teacher steps in the target."""
+    return tiny_args(teacher, str(out), "--disc", "none", "--k", "2", *extra)
+
+
+def fails(capsys, argv, main=distill.main, code=2) -> str:
+    """Run main(argv): it must exit with `code`, its last line the only error line, no traceback; returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == code
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert "Traceback" not in out + err and [x for x in lines if x.startswith(("error", "interrupted"))] == lines[-1:]
+    return lines[-1]
+
+
+def files(folder) -> dict:
+    return {f: (folder / f).read_bytes() for f in ("state.safetensors", "config.json", "log.jsonl")
+            if (folder / f).is_file()}
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. a run that goes non-finite stops in one line and keeps the last good checkpoint
+# --------------------------------------------------------------------------------------------------
+def test_nan_run_stops_and_keeps_the_good_checkpoint(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    distill.main(fast(teacher, out, "--steps", "2", "--ckpt-every", "2"))
+    good = files(out)
+    student = (out / "student" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    line = fails(capsys, fast(teacher, out, "--steps", "6", "--ckpt-every", "2", "--resume", "auto", "--lr", "1e30"))
+    assert line.startswith("error: non-finite") and "state.safetensors" in line
+    assert (out / "state.safetensors").read_bytes() == good["state.safetensors"]
+    assert (out / "student" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == student
+    for rec in (out / "log.jsonl").read_text().splitlines():
+        json.loads(rec, parse_constant=lambda c: pytest.fail(f"bare {c} in log.jsonl"))
+    # a fresh run whose loss is infinite from the first step writes no checkpoint at all
+    line = fails(capsys, fast(teacher, tmp_path / "inf", "--steps", "2", "--cfg-scale", "1e38"))
+    assert "non-finite recon" in line and not (tmp_path / "inf" / "state.safetensors").exists()
+
+
+def test_check_finite_looks_at_losses_and_weights():
+    net = nn.Linear(2, 2)
+    engine.check_finite(1, {"loss": 0.5}, net)
+    with pytest.raises(ValueError, match="non-finite loss at step 3"):
+        engine.check_finite(3, {"loss": float("nan")}, net)
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite Linear weights"):
+        engine.check_finite(4, {"loss": 0.5}, net)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. a new run into a finished run's --out is refused; --overwrite replaces it without mixing the logs
+# --------------------------------------------------------------------------------------------------
+def test_new_run_into_a_finished_run_is_refused(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    distill.main(fast(teacher, out, "--steps", "2", "--ckpt-every", "2", "--lr", "1e-4"))
+    before = files(out)
+    line = fails(capsys, fast(teacher, out, "--steps", "1"))
+    assert "already holds a run" in line and "--overwrite" in line and "--resume" in line
+    assert files(out) == before
+    distill.main(fast(teacher, out, "--steps", "1", "--ckpt-every", "1", "--overwrite"))
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1] and engine.read_state(str(out / "state.safetensors"))[1]["step"] == 1
+
+
+def test_train_refuses_a_finished_teacher_folder(tmp_path, capsys):
+    unet_json = tmp_path / "tiny_unet.json"
+    unet_json.write_text(json.dumps(TINY))
+    out = tmp_path / "teacher"
+    argv = ["--unet", str(unet_json), "--toy-size", "8", "--toy-images", "8", "--global-batch", "4", "--micro-batch", "4",
+            "--steps", "1", "--log-every", "1", "--device", "cpu", "--out", str(out)]
+    train.main(argv)
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert "already holds a run" in fails(capsys, argv, train.main)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    # a resumed teacher may change its length, not its U-Net
+    assert "cannot resume" in fails(capsys, [*argv, "--steps", "2", "--resume", "auto", "--cond-drop", "0.5"], train.main)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. one run per folder (a lock), and temporary names no other run picks
+# --------------------------------------------------------------------------------------------------
+def test_second_concurrent_run_is_refused(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    held = engine.open_run(str(out), "", False, engine.Dist())  # another run holds the folder
+    try:
+        line = fails(capsys, fast(teacher, out, "--steps", "1", "--resume", "auto"))
+        assert "another run is writing to" in line and f"pid {os.getpid()}" in line
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        held.close()
+    distill.main(fast(teacher, out, "--steps", "1", "--resume", "auto"))  # the lock is released with its holder
+
+
+def test_checkpoint_temp_names_are_unique(tmp_path):
+    net = nn.Linear(2, 2)
+    path = tmp_path / "state.safetensors"
+    (tmp_path / "state.safetensors.tmp").mkdir()  # whatever another writer left under the old fixed name
+    engine.save_state(str(path), 1, {"net": net}, {})
+    assert engine.read_state(str(path))[1]["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["state.safetensors", "state.safetensors.tmp"]
+    assert engine.temp_name(str(path)) != engine.temp_name(str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. resume: what may change is applied and recorded, what may not is refused in one line
+# --------------------------------------------------------------------------------------------------
+def test_resume_applies_a_new_lr_and_refuses_another_method(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    distill.main(tiny_args(teacher, str(out), "--k", "2", "--steps", "1", "--ckpt-every", "1", "--lr", "1e-4"))
+    line = fails(capsys, tiny_args(teacher, str(out), "--k", "2", "--steps", "2", "--resume", "auto", "--disc", "none"))
+    assert "disc" in line and "'none'" in line and "'unet'" in line
+    line = fails(capsys, tiny_args(teacher, str(out), "--k", "3", "--steps", "2", "--resume", "auto"))
+    assert "k = 3" in line and "k = 2" in line
+    # a log line of a step the checkpoint does not hold (the run died after logging it): redone, not repeated
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "recon": 1.0}) + "\n")
+    distill.main(tiny_args(teacher, str(out), "--k", "2", "--steps", "2", "--ckpt-every", "1", "--resume", "auto",
+                           "--lr", "1e-3", "--lr-disc", "2e-3"))
+    _, meta = engine.read_state(str(out / "state.safetensors"))
+    assert [g["lr"] for g in meta["optimizers"]["opt_g"]["param_groups"]] == [1e-3]
+    assert [g["lr"] for g in meta["optimizers"]["opt_d"]["param_groups"]] == [2e-3]
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_state_of_another_model_size_is_one_line(tmp_path):
+    path = tmp_path / "state.safetensors"
+    engine.save_state(str(path), 1, {"net": nn.Linear(3, 2)}, {})
+    with pytest.raises(ValueError, match=r"does not fit the net network \(size mismatch") as e:
+        engine.load_state(str(path), {"net": nn.Linear(4, 2)}, {})
+    assert "\n" not in str(e.value)
+
+
+def test_check_resume_names_the_field_and_both_values():
+    stored = {"steps": 10, "timesteps": [999, 750, 500], "lr": 1e-4}
+    assert engine.check_resume(stored, {"steps": 20, "timesteps": (999, 750, 500), "lr": 1e-3}, {"steps", "lr"}) == \
+        ["steps 10 → 20", "lr 0.0001 → 0.001"]
+    with pytest.raises(ValueError, match=r"timesteps = \[999, 666\].*timesteps = \[999, 750, 500\]"):
+        engine.check_resume(stored, {"timesteps": (999, 666)}, {"steps"})
+
+
+# --------------------------------------------------------------------------------------------------
+# 6–7. nonsense numbers and bad inputs: one line, exit code 2, nothing written; Ctrl-C: one line, exit 130
+# --------------------------------------------------------------------------------------------------
+BAD = {
+    "--k 0": ("--k", "0"), "--steps 0": ("--steps", "0"), "--global-batch 0": ("--global-batch", "0"),
+    "--micro-batch 0": ("--micro-batch", "0"), "--global-batch -4": ("--global-batch", "-4"),
+    "--ema-decay 2": ("--ema-decay", "2"), "--cfg-scale -1": ("--cfg-scale", "-1"),
+    "γ beyond 999": ("--gamma", "900:5000,-1:10"), "γ misses t=500": ("--gamma", "900:990,600:950"),
+    "γ not pairs": ("--gamma", "900,-1:10"), "--toy-images 0": ("--toy-images", "0"),
+    "--device cuda": ("--device", "cuda"), "--device tpu": ("--device", "tpu"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_nonsense_is_one_line_and_exit_2(case, teacher, tmp_path, capsys):
+    if case == "--device cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    out = tmp_path / "run"
+    line = fails(capsys, [*fast(teacher, out, "--steps", "2"), *BAD[case]])
+    assert line.startswith("error: ") and not out.exists(), line
+
+
+def test_out_that_is_a_file_and_bad_json_are_one_line(teacher, tmp_path, capsys):
+    out = tmp_path / "a_file"
+    out.write_text("x")
+    assert "is a file" in fails(capsys, fast(teacher, out, "--steps", "1"))
+    assert "is a file" in fails(capsys, ["--out", str(out), "--toy-images", "8", "--device", "cpu"], train.main)
+    assert "--toy-images" in fails(capsys, ["--out", str(tmp_path / "t"), "--toy-images", "0", "--device", "cpu"], train.main)
+    for name in ("scheduler/scheduler_config.json", "conditioning.json"):
+        broken = tmp_path / ("broken_" + name.replace("/", "_"))
+        make_teacher(str(broken))
+        (broken / name).write_text("{not json")
+        line = fails(capsys, fast(str(broken), tmp_path / "x", "--steps", "1"))
+        assert str(broken / name) in line and "not valid JSON" in line
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_temp_file(teacher, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    step = distill.Distiller.train_step
+
+    def interrupted(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return step(self)
+    monkeypatch.setattr(distill.Distiller, "train_step", interrupted)
+    line = fails(capsys, fast(teacher, out, "--steps", "4", "--ckpt-every", "2"), code=130)
+    assert line == f"interrupted at step 2; the last checkpoint is {out / 'state.safetensors'} (step 2)"
+    # Ctrl-C in the middle of writing a checkpoint: the old one stays, no temporary file is left
+    good = (out / "state.safetensors").read_bytes()
+    save_file = engine.save_file
+
+    def torn(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "save_file", torn)
+    monkeypatch.setattr(distill.Distiller, "train_step", step)
+    fails(capsys, fast(teacher, out, "--steps", "4", "--ckpt-every", "1", "--resume", "auto"), code=130)
+    monkeypatch.setattr(engine, "save_file", save_file)
+    assert (out / "state.safetensors").read_bytes() == good
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]

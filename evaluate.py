@@ -183,6 +183,9 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         if pipe is None:
             continue
         images, spi = generate(pipe, row, x_T, prompts, batch_size, device)
+        if not torch.isfinite(images).all():  # a NaN model: no metric of it means anything
+            raise ValueError(f"{row['name']} ({student_path if row['model'] == 'student' else teacher_path}) produced "
+                             "non-finite samples: its weights are NaN/Inf (was it saved from a diverged run?)")
         r = {"method": row["name"], "nfe": nfe(row), "timesteps": list(row["timesteps"]), "sec_per_image": spi}
         if judge is not None:
             r.update(judge(images, prompts))
@@ -289,6 +292,11 @@ def main(argv=None) -> None:
     p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
                    help="(with --ablation) extra distill.py flags, e.g. --steps 300; must come last")
     args = p.parse_args(argv)
+    if args.n < 2 or args.batch_size < 1 or args.grid_cols < 1:
+        p.error(f"--n must be ≥ 2 (a covariance needs two samples), --batch-size and --grid-cols ≥ 1; "
+                f"got {args.n}, {args.batch_size}, {args.grid_cols}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is available here")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         if args.ablation:

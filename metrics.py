@@ -85,7 +85,12 @@ class InceptionFeatures(nn.Module):
         self.net = inception_v3(weights=None, aux_logits=False, transform_input=False, init_weights=False)
         if weights is not None:
             if weights == "download":
-                state = Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+                try:
+                    state = Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+                except Exception as e:  # offline, proxy, …: urllib's errors are many kinds
+                    raise ValueError(f"--inception download: torchvision's Inception-v3 weights could not be downloaded "
+                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass a local "
+                                     "weights file instead") from None
             elif weights.endswith(".safetensors"):
                 from safetensors.torch import load_file
 
@@ -178,13 +183,20 @@ def train_toy_classifier(
     settings = dict(seed=seed, size=size, n_train=n_train, steps=steps, batch_size=batch_size, lr=lr, width=width)
     meta_path = os.path.splitext(cache)[0] + ".json" if cache else None
     if cache and os.path.isfile(cache) and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            if json.load(f).get("settings") == settings:
-                from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:
+            with open(meta_path) as f:
+                same = json.load(f).get("settings") == settings
+            if same:
                 classifier = ToyClassifier(width)
                 classifier.load_state_dict(load_file(cache))
                 return classifier.eval()
+        except (SafetensorError, ValueError, RuntimeError, OSError, AttributeError) as e:
+            # a cache is derived data: a torn or foreign one is retrained (it takes seconds), not fatal
+            print(f"toy classifier cache {cache} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                  "training it again")
 
     torch.manual_seed(seed)  # weight init
     g = torch.Generator().manual_seed(seed)  # batch order

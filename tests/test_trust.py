@@ -228,3 +228,47 @@ def test_ctrl_c_is_one_line_and_leaves_no_temp_file(teacher, tmp_path, capsys, m
     monkeypatch.setattr(engine, "save_file", save_file)
     assert (out / "state.safetensors").read_bytes() == good
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_evaluate_bad_inputs_are_one_line(teacher, tmp_path, capsys, monkeypatch):
+    import evaluate
+    import metrics
+    from pipeline import save_pipeline
+    from schedule import VPSchedule
+    from toyteacher import tiny_encoder, tiny_unet
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--teacher", teacher, "--n", "0", "--out", str(tmp_path / "ev")])
+    assert e.value.code == 2 and "--n must be" in capsys.readouterr().err
+    # a NaN student: one line, not a table of NaN
+    nan_unet = tiny_unet()
+    with torch.no_grad():
+        next(nan_unet.parameters()).fill_(float("nan"))
+    student = tmp_path / "nan_student"
+    save_pipeline(str(student), nan_unet, VPSchedule("scaled_linear"), tiny_encoder(), timesteps=[999, 500])
+    monkeypatch.setattr(evaluate, "ToyJudge", lambda *a, **k: (lambda images, labels: {}))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--teacher", teacher, "--student", str(student), "--n", "2", "--batch-size", "2",
+                       "--out", str(tmp_path / "ev"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "non-finite samples" in err[0] and str(student) in err[0]
+    # --inception download without a network
+    import torchvision.models._api as api
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(ValueError, match="could not be downloaded.*Temporary failure") as e:
+        metrics.InceptionFeatures("download")
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_toy_classifier_cache_is_retrained(tmp_path, capsys):
+    import metrics
+    cache = tmp_path / "toy_classifier.safetensors"
+    small = dict(size=8, n_train=64, steps=2, batch_size=8, width=8, progress=False)
+    metrics.train_toy_classifier(cache=str(cache), **small)
+    raw = cache.read_bytes()
+    cache.write_bytes(raw[: len(raw) // 2])
+    classifier = metrics.train_toy_classifier(cache=str(cache), **small)
+    assert "unreadable" in capsys.readouterr().out and isinstance(classifier, metrics.ToyClassifier)
+    assert cache.read_bytes() == raw  # trained again, the same (seeded) weights

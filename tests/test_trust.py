@@ -272,3 +272,34 @@ def test_corrupt_toy_classifier_cache_is_retrained(tmp_path, capsys):
     classifier = metrics.train_toy_classifier(cache=str(cache), **small)
     assert "unreadable" in capsys.readouterr().out and isinstance(classifier, metrics.ToyClassifier)
     assert cache.read_bytes() == raw  # trained again, the same (seeded) weights
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. the latent cache is keyed on the files it was made from; captions are always the folder's own
+# --------------------------------------------------------------------------------------------------
+def test_latent_cache_follows_its_folder(tmp_path, capsys):
+    import shutil
+
+    import data
+    from autoencoder import Identity
+    from sdfolder import write_caption_folder
+    folder = write_caption_folder(str(tmp_path / "captions"), n=3)
+    cache = tmp_path / "latents.safetensors"
+    z, captions = data.encode_latents(str(cache), data.CaptionFolder(folder, size=8), Identity(), engine.Dist())
+    assert "encoded and written" in capsys.readouterr().out
+    # reuse says so; an edited caption is picked up, the latents are not re-encoded
+    first = sorted(f for f in os.listdir(folder) if f.endswith(".txt"))[0]
+    with open(os.path.join(folder, first), "w") as f:
+        f.write("an edited caption")
+    z2, captions2 = data.encode_latents(str(cache), data.CaptionFolder(folder, size=8), Identity(), engine.Dist())
+    out = capsys.readouterr().out
+    assert "read" in out and "1 caption(s) edited" in out and captions2[0] == "an edited caption"
+    assert torch.equal(z, z2) and captions2[1:] == captions[1:]
+    # a copied folder whose images are other files (here: one replaced), with the old cache: refused in one line
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    images = sorted(f for f in os.listdir(copy) if not f.endswith(".txt"))
+    shutil.copy(os.path.join(copy, images[0]), os.path.join(copy, images[1]))
+    with pytest.raises(ValueError, match="made from other image files") as e:
+        data.encode_latents(str(cache), data.CaptionFolder(str(copy), size=8), Identity(), engine.Dist())
+    assert "\n" not in str(e.value)

@@ -249,7 +249,7 @@ def _load_clip(model_path, device):
     # cached: evaluate.py scores several methods with one CLIP model
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(model_path).to(device).eval().requires_grad_(False)
+    model = CLIPModel.from_pretrained(model_path, use_safetensors=True).to(device).eval().requires_grad_(False)
     return model, CLIPProcessor.from_pretrained(model_path)
 
 

@@ -303,3 +303,25 @@ def test_latent_cache_follows_its_folder(tmp_path, capsys):
     with pytest.raises(ValueError, match="made from other image files") as e:
         data.encode_latents(str(cache), data.CaptionFolder(str(copy), size=8), Identity(), engine.Dist())
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. text encoders: safetensors only, as the U-Net and VAE
+# --------------------------------------------------------------------------------------------------
+def test_text_encoder_with_only_a_pickle_is_refused(tmp_path):
+    from transformers import CLIPTextModel
+
+    from conditioning import TextEncoder
+    from sdfolder import write_text_encoder
+    folder = tmp_path / "sd"
+    write_text_encoder(str(folder))
+    model = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    TextEncoder.from_pretrained(str(folder))  # safetensors: loads
+    for f in os.listdir(folder / "text_encoder"):
+        if f.endswith(".safetensors"):
+            os.remove(folder / "text_encoder" / f)
+    torch.save(model.state_dict(), folder / "text_encoder" / "pytorch_model.bin")  # the legacy pickled layout
+    assert (folder / "text_encoder" / "pytorch_model.bin").is_file()
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors in .*text_encoder \(found pytorch_model.bin\)") as e:
+        TextEncoder.from_pretrained(str(folder))
+    assert "\n" not in str(e.value)

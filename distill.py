@@ -502,12 +502,13 @@ def parse_args(argv=None) -> tuple[Config, str]:
         "device": "auto | cpu | cuda", "bf16": "bf16 autocast on CUDA", "grad_ckpt": "gradient checkpointing",
         "compile": "torch.compile the U-Nets",
     }
+    shown = engine.preset_help(argv, PRESETS)  # --help: the preset's value of each flag
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name] + shown.get(f.name, ""))
         else:
-            p.add_argument(flag, dest=f.name, default=None, help=helps[f.name])
+            p.add_argument(flag, dest=f.name, default=None, help=helps[f.name] + shown.get(f.name, ""))
     p.add_argument("--no-disc", dest="disc", action="store_const", const="none", help="same as --disc none")
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
@@ -559,6 +560,7 @@ def run(cfg: Config, preset: str, dist: engine.Dist) -> "Distiller":
     engine.print0(f"distill: preset {preset}, {dist.world} process(es), accumulation {distiller.accum}, "
                   f"student {sum(p.numel() for p in distiller.student.parameters()) / 1e6:.2f}M params, "
                   f"disc {cfg.disc}, recon {cfg.recon}, backward {cfg.backward}, γ {cfg.gamma}")
+    engine.print0(engine.data_line(cfg.data, distiller.source, distiller.latent_shape, distiller.pipe.autoencoder.downscale))
     logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
                            start=distiller.step)
     bar = engine.progress_bar(cfg.steps, distiller.step, "distill", dist)

@@ -138,12 +138,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
              "toy_images": "toy dataset size", "log_every": "log line every N steps", "ckpt_every": "checkpoint every N steps",
              "resume": "checkpoint to resume, or 'auto'",
              "overwrite": "replace the run already in --out (its checkpoint and log are removed)", "device": "auto | cpu | cuda", "bf16": "bf16 autocast on CUDA"}
+    shown = engine.preset_help(argv, TRAIN_PRESETS)  # --help: the preset's value of each flag
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name] + shown.get(f.name, ""))
         else:
-            p.add_argument(flag, dest=f.name, default=None, type=f.type if f.type in (int, float) else str, help=helps[f.name])
+            p.add_argument(flag, dest=f.name, default=None, type=f.type if f.type in (int, float) else str, help=helps[f.name] + shown.get(f.name, ""))
     args = p.parse_args(argv)
     if args.preset not in TRAIN_PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
@@ -204,6 +205,7 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     engine.print0(f"train: preset {preset}, U-Net {cfg.unet} ({n_params:.2f}M params), {cfg.schedule} schedule, "
                   f"{dist.world} process(es), accumulation {accum}")
+    engine.print0(engine.data_line(cfg.data, source, (model.config["in_channels"], *[model.config["sample_size"]] * 2), 1))
     logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step)
     bar = engine.progress_bar(cfg.steps, step, "train teacher", dist)
     while step < cfg.steps:

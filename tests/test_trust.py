@@ -325,3 +325,43 @@ def test_text_encoder_with_only_a_pickle_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors in .*text_encoder \(found pytorch_model.bin\)") as e:
         TextEncoder.from_pretrained(str(folder))
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. what ran is what is recorded and shown
+# --------------------------------------------------------------------------------------------------
+def test_copied_student_without_its_base_names_pipeline_json(teacher, tmp_path):
+    import shutil
+
+    from pipeline import load_pipeline
+    student = tmp_path / "elsewhere" / "student"
+    shutil.copytree(teacher, student)
+    (student / "pipeline.json").write_text(json.dumps({"base": "../../teacher"}))  # as save_pipeline writes it
+    with pytest.raises(FileNotFoundError, match=r"pipeline.json takes vae/ .* from base '../../teacher'") as e:
+        load_pipeline(str(student))
+    assert str(student / "pipeline.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_and_first_lines_say_what_runs(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    distill.main(fast(teacher, out, "--steps", "1", "--bf16"))
+    assert json.loads((out / "config.json").read_text())["bf16"] is (torch.cuda.is_available())
+    assert "data toy: 64 images, 8×8 px, pixel space" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        distill.main(["--preset", "t2i", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "training iterations (t2i preset: 15000)" in shown and "(t2i preset: 900:990,500:950,-1:200)" in shown
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert "(toy preset: 1500)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_log_is_strict_json_and_no_bar_in_a_redirected_log(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    logger = engine.Logger(1, str(log), total=2)
+    logger.add(loss=float("nan"))
+    logger.maybe_print(1, torch.device("cpu"))
+    rec = json.loads(log.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert rec["step"] == 1 and rec["loss"] is None
+    # under pytest stderr is not a terminal, as in `python distill.py > log 2>&1`: no tqdm line to glue to
+    assert engine.progress_bar(10, 0, "x", engine.Dist()).disable

@@ -365,3 +365,38 @@ def test_log_is_strict_json_and_no_bar_in_a_redirected_log(tmp_path, capsys):
     assert rec["step"] == 1 and rec["loss"] is None
     # under pytest stderr is not a terminal, as in `python distill.py > log 2>&1`: no tqdm line to glue to
     assert engine.progress_bar(10, 0, "x", engine.Dist()).disable
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. the README's diffusers snippet runs as written on a folder like the one its download command makes
+# --------------------------------------------------------------------------------------------------
+def test_readme_diffusers_snippet(tmp_path):
+    import re
+
+    from pipeline import load_pipeline, save_pipeline
+    from sampler import eps_fn_for, sample
+    from sdfolder import write_sd_folder
+    sd = write_sd_folder(str(tmp_path / "sd15"))
+    index = json.loads((tmp_path / "sd15" / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],  # as SD-1.5's index, whose
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)  # folders
+    (tmp_path / "sd15" / "model_index.json").write_text(json.dumps(index))  # the download excludes
+    teacher = load_pipeline(sd)
+    student = str(tmp_path / "student")
+    save_pipeline(student, teacher.unet, teacher.schedule, teacher.encoder, base=sd, timesteps=[999, 750, 500])
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "TCDScheduler" in block)
+    code = code.replace("runs/t2i/student/student", student).replace("models/sd15", sd)
+    scope = {}
+    exec(code, scope)  # as written, paths aside
+    assert scope["image"].size == (16, 16)
+    # the same pipeline in latents equals our sampler without noise correction
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    z = scope["pipe"]("a photo of a cat", timesteps=[999, 750, 500], guidance_scale=1.0, eta=0.0, latents=x_T,
+                      output_type="latent").images
+    student_pipe = load_pipeline(student)
+    cond = student_pipe.encoder(["a photo of a cat"])
+    with torch.no_grad():
+        ours = sample(eps_fn_for(student_pipe.unet, cond), student_pipe.schedule, x_T, [999, 750, 500],
+                      noise_correction=False)
+    assert ours.abs().max() > 0.1 and (z - ours).abs().max() < 1e-4

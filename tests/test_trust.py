@@ -400,3 +400,42 @@ def test_readme_diffusers_snippet(tmp_path):
         ours = sample(eps_fn_for(student_pipe.unet, cond), student_pipe.schedule, x_T, [999, 750, 500],
                       noise_correction=False)
     assert ours.abs().max() > 0.1 and (z - ours).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# FID comparable with published tables: evaluate.py --fid torch-fidelity, offline through a stand-in
+# --------------------------------------------------------------------------------------------------
+def test_fid_through_torch_fidelity_code_path(teacher, tmp_path, monkeypatch, capsys):
+    """torch_fidelity.calculate_metrics replaced by a stand-in that checks what it is given (uint8 images, the
+    TF-Inception extractor, FID only) and returns the Fréchet distance of tiny pooled features."""
+    import sys
+    import types
+
+    import evaluate
+    import metrics
+    seen = {}
+
+    def calculate_metrics(input1, input2, fid, feature_extractor, feature_extractor_weights_path, **kwargs):
+        assert fid and feature_extractor == "inception-v3-compat" and not kwargs.get("cache", True)
+        a = torch.stack([input1[i] for i in range(len(input1))])
+        b = torch.stack([input2[i] for i in range(len(input2))])
+        assert a.dtype == b.dtype == torch.uint8
+        seen.update(n=len(a), weights=feature_extractor_weights_path)
+        pool = lambda x: torch.nn.functional.adaptive_avg_pool2d(x.float(), 2).flatten(1)  # noqa: E731
+        return {"frechet_inception_distance": metrics.frechet_distance(pool(a), pool(b))}
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.SimpleNamespace(calculate_metrics=calculate_metrics))
+    x = torch.rand(6, 3, 8, 8) * 2 - 1
+    assert metrics.fid_torch_fidelity(x, x, "w.pth") == pytest.approx(0, abs=1e-6) and seen == {"n": 6, "weights": "w.pth"}
+    assert metrics.fid_torch_fidelity(x, -x) > 1
+    # through evaluate.py: a fid_tf column for every row, teacher only
+    monkeypatch.setattr(evaluate, "ToyJudge", lambda *a, **k: (lambda images, labels: {}))
+    evaluate.main(["--teacher", teacher, "--student", "", "--n", "4", "--batch-size", "4", "--out", str(tmp_path / "ev"),
+                   "--device", "cpu", "--fid", "torch-fidelity"])
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())
+    rows = rows["results"] if isinstance(rows, dict) else rows
+    assert all(isinstance(r["fid_tf"], float) for r in rows if r["method"] != "real images")
+    assert "FID (TF-Inception)" in (tmp_path / "ev" / "results.md").read_text()
+    # without the package: one line naming the install
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(ValueError, match="pip install -r requirements-eval.txt"):
+        metrics.fid_torch_fidelity(x, x)

@@ -297,7 +297,9 @@ def load_state(path: str, modules: dict, optimizers: dict, config: dict | None =
     that differs is refused in one line before anything is restored."""
     tensors, meta = read_state(path)
     if config is not None:
-        check_resume(meta.get("extra") or {}, config, changeable, path)
+        changed = check_resume(meta.get("extra") or {}, config, changeable, path)
+        if changed:
+            print0(f"resume {path} with: {'; '.join(changed)}")
     for name, module in modules.items():
         sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         try:

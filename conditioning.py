@@ -126,7 +126,17 @@ class TextEncoder(nn.Module):
         kw = dict(local_files_only=local)
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder=sub_tok, **kw)
         config = AutoConfig.from_pretrained(path, subfolder=sub_model, **kw)
-        model = _encoder_class(config).from_pretrained(path, subfolder=sub_model, dtype=dtype, **kw)
+        # safetensors only, as for the U-Net and VAE: a pytorch_model.bin would be unpickled
+        try:
+            model = _encoder_class(config).from_pretrained(path, subfolder=sub_model, dtype=dtype, use_safetensors=True, **kw)
+        except OSError as e:
+            where = os.path.join(path, sub_model) if local else f"{path} ({sub_model or 'top level'})"
+            bins = [f for f in os.listdir(where) if f.endswith(".bin")] if local and os.path.isdir(where) else []
+            if bins or "safetensors" in str(e):
+                raise FileNotFoundError(f"no model.safetensors in {where}" + (f" (found {', '.join(sorted(bins))})" if bins else "")
+                                        + ": only safetensors are loaded, never pickled .bin files; convert it once with "
+                                        "transformers (save_pretrained(..., safe_serialization=True))") from None
+            raise
         if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
             model = model.get_encoder()  # e.g. BartModel: only the encoder makes the condition
         return cls(model, tokenizer, path, max_length)

@@ -13,6 +13,7 @@
 
 Every image tensor here is float32 (3, H, W) in [-1, 1].
 """
+import hashlib
 import json
 import math
 import os
@@ -198,11 +199,23 @@ class CaptionFolder(Dataset):
         if self.size is not None:
             image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
             image = TF.center_crop(image, self.size)
-        caption = ""
-        if self.captions:
-            with open(os.path.splitext(path)[0] + ".txt", encoding="utf-8") as f:
-                caption = f.read().strip()
-        return _to_tensor(image), caption
+        return _to_tensor(image), self.caption(i)
+
+    def caption(self, i: int) -> str:
+        """The caption of image i, read now (so an edited caption is picked up)."""
+        if not self.captions:
+            return ""
+        with open(os.path.splitext(self.paths[i])[0] + ".txt", encoding="utf-8") as f:
+            return f.read().strip()
+
+    def image_fingerprint(self) -> str:
+        """A short hash of the image files as they are now: each one's path in the folder, size and modification
+        time. A latent cache made from other files (added, removed, renamed, replaced or edited images) is refused."""
+        h = hashlib.sha256()
+        for path in self.paths:
+            st = os.stat(path)
+            h.update(f"{os.path.relpath(path, self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +255,10 @@ def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_s
     the VAE's own reconstruction error, in half the bytes. Under torchrun every rank encodes every world-th
     image into a part file, and rank 0 joins the parts (temporary file + rename: never a torn cache)."""
     from tqdm.auto import tqdm
-    key = {"vae": fingerprint(autoencoder), "size": str(dataset.size), "n": str(len(dataset))}
-    if not os.path.isfile(path):
+    key = {"vae": fingerprint(autoencoder), "size": str(dataset.size), "n": str(len(dataset)),
+           "images": dataset.image_fingerprint()}
+    written = not os.path.isfile(path)
+    if written:
         mine = list(range(dist.rank, len(dataset), dist.world))
         latents, captions = [], []
         for i in tqdm(range(0, len(mine), batch_size), desc="encode latents", disable=not dist.main, leave=False):
@@ -265,13 +280,20 @@ def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_s
                 if len(p["latents"]):
                     z[r::dist.world] = p["latents"]  # rank r encoded images r, r + world, …
                     all_captions[r::dist.world] = _unpack(p["captions"])
-            save_file({"latents": z, "captions": _pack(all_captions)}, path + ".tmp",
-                      metadata={**key, "data": dataset.root})
-            os.replace(path + ".tmp", path)
+            tmp = engine.temp_name(path)
+            save_file({"latents": z, "captions": _pack(all_captions)}, tmp, metadata={**key, "data": dataset.root})
+            os.replace(tmp, path)
             for r in range(dist.world):
                 os.remove(f"{path}.part{r}")
         engine.barrier()
-    return read_latents(path, key)
+    latents, cached_captions = read_latents(path, key)
+    # the latents depend on the images only: captions are always the folder's current ones
+    captions = [dataset.caption(i) for i in range(len(dataset))]
+    changed = sum(a != b for a, b in zip(captions, cached_captions))
+    engine.print0(f"latent cache {path}: {'encoded and written' if written else 'read'}, {len(latents)} latents "
+                  f"{tuple(latents.shape[1:])} of {dataset.size} px images from {dataset.root}"
+                  + (f"; {changed} caption(s) edited since it was made: using the folder's" if changed else ""))
+    return latents, captions
 
 
 def read_latents(path: str, key: dict):
@@ -293,6 +315,10 @@ def read_latents(path: str, key: dict):
     if meta.get("n") != key["n"]:
         raise ValueError(f"latent cache {path} holds {meta.get('n')} images, the caption folder has {key['n']}: "
                          "delete it or pass another --latent-cache path")
+    if meta.get("images") != key["images"]:
+        raise ValueError(f"latent cache {path} was made from other image files than {meta.get('data', 'the folder')} holds "
+                         "now (images added, renamed, replaced or edited, or a cache of another folder): delete it to "
+                         "encode again, or pass another --latent-cache path")
     return tensors["latents"], _unpack(tensors["captions"])
 
 

@@ -129,7 +129,7 @@ class ProjectedDiscriminator(nn.Module):
     def from_pretrained(cls, path: str, **kwargs) -> "ProjectedDiscriminator":
         """A DINOv2 (or any transformers ViT) folder or hub id, e.g. facebook/dinov2-small."""
         from transformers import AutoModel
-        return cls(AutoModel.from_pretrained(path), **kwargs)
+        return cls(AutoModel.from_pretrained(path, use_safetensors=True), **kwargs)
 
     def train(self, mode: bool = True):
         super().train(mode)

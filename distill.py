@@ -24,6 +24,12 @@ from methods import METHODS
 from pipeline import save_pipeline
 
 
+# what a resumed run may change: its length, logging, learning rates (each method's lr_of) and how it runs;
+# everything else (the networks, the method, the data, the seed) would silently make another run: refused
+RESUME_CHANGEABLE = frozenset({"steps", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume", "overwrite",
+                               "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "preset"})
+
+
 def parse_args(argv=None):
     """(config, preset): the method's preset with the flags applied. The config's class tells its method."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -34,7 +40,8 @@ def parse_args(argv=None):
     base = method.PRESETS.get(known.preset) if method else None
     name = known.method if method else "imagine_flash"
     p = engine.config_parser(f"Distil a diffusion teacher into a few-step student with {name} "
-                             "(flags override the preset).", base or METHODS[name].PRESETS["toy"])
+                             "(flags override the preset).", base or METHODS[name].PRESETS["toy"],
+                             known.preset if base else "toy")
     p.add_argument("--method", default="imagine_flash", help=f"one of {', '.join(METHODS)} (default: imagine_flash)")
     p.add_argument("--preset", default="toy", help=f"one of {', '.join(METHODS[name].PRESETS)} (default: toy)")
     if hasattr(base or METHODS[name].PRESETS["toy"], "disc"):
@@ -61,12 +68,18 @@ def main(argv=None) -> None:
 
 
 def run(cfg, preset: str, dist: engine.Dist):
-    from tqdm.auto import tqdm
+    cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     distiller, method = build(cfg, dist), method_of(cfg)
+    lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
     state_path = os.path.join(cfg.out, "state.safetensors")
-    resume = state_path if cfg.resume == "auto" and os.path.isfile(state_path) else (cfg.resume if cfg.resume != "auto" else "")
+    resume = engine.resume_path(cfg.out, cfg.resume)
     if resume:
-        meta = engine.load_state(resume, *distiller.state())
+        modules, optimizers = distiller.state()
+        meta = engine.load_state(resume, modules, optimizers, config={"method": method, "preset": preset,
+                                                                      **dataclasses.asdict(cfg)},
+                                 changeable=RESUME_CHANGEABLE | set(distiller.lr_of.values()))
+        for name, opt in optimizers.items():  # the new run's learning rates, not the checkpoint's
+            engine.set_lr(opt, getattr(cfg, distiller.lr_of[name]))
         distiller.step = meta["step"]
         engine.print0(f"resumed from {resume} at step {distiller.step}")
     if dist.main:
@@ -76,10 +89,13 @@ def run(cfg, preset: str, dist: engine.Dist):
     engine.print0(f"distill: preset {preset}, method {method}, {dist.world} process(es), accumulation "
                   f"{distiller.accum}, student {sum(p.numel() for p in distiller.student.parameters()) / 1e6:.2f}M "
                   f"params, sampler {distiller.sampler_spec()}")
-    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=distiller.step, desc="distill", disable=not dist.main, leave=False)
+    engine.print0(engine.data_line(cfg.data, distiller.source, distiller.latent_shape, distiller.pipe.autoencoder.downscale))
+    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
+                           start=distiller.step)
+    bar = engine.progress_bar(cfg.steps, distiller.step, "distill", dist)
     while distiller.step < cfg.steps:
         logs = distiller.train_step()
+        engine.check_finite(distiller.step, logs, distiller.student)  # NaN/Inf: stop before anything is written
         t = logs.pop("t")
         if "recon" in logs:  # the reconstruction loss at each of the student's timesteps: which step is learnt
             logs[f"recon@{t}"] = logs["recon"]

@@ -12,12 +12,19 @@ Running one training script at every scale: shared by train.py (teacher) and dis
   arg / config_parser / read_config
                       one command-line builder for train.py and distill.py: every config field is a flag, its
                       help written once (in the field), `--help` showing the preset's value
+  open_run            one run per --out: refuses to start over a finished run unless told to resume or overwrite,
+                      and holds an exclusive lock on <out>/.lock while the run lives
+  check_resume        which config fields a resumed run may change (steps, lr, …) and which it may not
+  check_finite        stops a run whose losses or weights went NaN/Inf before it writes anything
 """
 import argparse
 import copy
 import dataclasses
+import fcntl
 import json
+import math
 import os
+import secrets
 import sys
 import time
 from contextlib import nullcontext
@@ -41,7 +48,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def config_parser(description: str, preset_cfg, skip: tuple = ()) -> argparse.ArgumentParser:
+def config_parser(description: str, preset_cfg, preset: str = "", skip: tuple = ()) -> argparse.ArgumentParser:
     """An ArgumentParser with one flag per field of the dataclass instance `preset_cfg` (booleans get
     --x / --no-x). Every flag defaults to None (= keep the preset's value), and its help shows that value."""
     p = argparse.ArgumentParser(description=description)
@@ -51,7 +58,8 @@ def config_parser(description: str, preset_cfg, skip: tuple = ()) -> argparse.Ar
         value = getattr(preset_cfg, f.name)
         shown = ",".join(":".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value) \
             if isinstance(value, tuple) else value
-        help_ = f"{f.metadata.get('help', '')} (preset: {shown!s})".replace("%", "%%")
+        shown = repr(shown) if shown == "" else shown
+        help_ = f"{f.metadata.get('help', '')} ({preset} preset: {shown!s})".replace("%", "%%")
         if isinstance(value, bool):
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
@@ -104,6 +112,10 @@ class Dist:
 
 def setup_distributed(device: str = "auto") -> Dist:
     """Initialise the process group when launched by torchrun (RANK set), else a single process."""
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
@@ -132,16 +144,105 @@ def print0(*args, **kwargs) -> None:
 
 def launch(run, cfg, preset: str) -> None:
     """The `main` of train.py and distill.py: processes, per-rank seed, run(cfg, preset, dist). Bad input
-    (a missing file, a config that does not fit) ends every rank with one `error: …` line and exit code 2."""
-    dist = setup_distributed(cfg.device)
-    torch.manual_seed(cfg.seed * 1000 + dist.rank)
+    (a missing file, a config that does not fit, a run gone non-finite) ends every rank with one `error: …`
+    line and exit code 2; Ctrl-C ends it with one line saying where the last checkpoint is, exit code 130."""
+    PROGRESS.update(step=0, checkpoint=None)
     try:
+        dist = setup_distributed(cfg.device)
+        torch.manual_seed(cfg.seed * 1000 + dist.rank)
         run(cfg, preset, dist)
+        release_run()
     except (FileNotFoundError, ValueError) as e:
-        print0(f"error: {str(e).splitlines()[0]}")
+        release_run()
+        print0(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         cleanup_distributed()
         sys.exit(2)
+    except KeyboardInterrupt:
+        release_run()
+        print0(f"\ninterrupted at step {PROGRESS['step']}; {last_checkpoint()}")
+        if dist_initialized():  # no barrier: the other ranks are being interrupted too
+            torch.distributed.destroy_process_group()
+        sys.exit(130)
     cleanup_distributed()
+
+
+def dist_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# where a run is, for the one-line messages on Ctrl-C and NaN: the last logged step, the last checkpoint written/read
+PROGRESS = {"step": 0, "checkpoint": None}
+
+
+def last_checkpoint() -> str:
+    if PROGRESS["checkpoint"]:
+        return f"the last checkpoint is {PROGRESS['checkpoint']}"
+    return "this run has no checkpoint yet"
+
+
+def agree(error: str | None, main_decides: bool = True, elsewhere: str = "another process found an error") -> None:
+    """Raise ValueError(error) on every rank when the main rank (or, with main_decides=False, any rank) found
+    an error, so that all processes of a torchrun stop together instead of waiting in the next collective."""
+    if not dist_initialized():
+        if error:
+            raise ValueError(error)
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1.0 if error else 0.0], device=device)
+    if main_decides:
+        dist.broadcast(flag, 0)
+    else:
+        dist.all_reduce(flag)
+    if flag.item():
+        raise ValueError(error or elsewhere)
+
+
+def validate_common(cfg) -> None:
+    """The fields train.py and distill.py share, checked before anything is loaded or written: one ValueError
+    line for the first value that cannot make a sensible run (each script checks its own fields after this)."""
+    checks = [
+        (cfg.steps >= 1, f"--steps must be ≥ 1, got {cfg.steps}"),
+        (cfg.global_batch >= 1, f"--global-batch must be ≥ 1, got {cfg.global_batch}"),
+        (cfg.micro_batch >= 1, f"--micro-batch must be ≥ 1, got {cfg.micro_batch}"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}"),
+        (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+        (cfg.log_every >= 1, f"--log-every must be ≥ 1, got {cfg.log_every}"),
+        (cfg.ckpt_every >= 0, f"--ckpt-every must be ≥ 0 (0: never), got {cfg.ckpt_every}"),
+        (cfg.data != "toy" or cfg.toy_images >= 1, f"--toy-images must be ≥ 1 for toy data, got {cfg.toy_images}"),
+        (cfg.data != "toy" or cfg.toy_size >= 4, f"--toy-size must be ≥ 4 pixels, got {cfg.toy_size}"),
+        (not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out} is a file, not a folder"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def preset_help(argv, presets: dict, default: str = "toy") -> dict:
+    """{field: " (<preset>: <value>)"}: `--help` shows the values of the preset on the command line (--preset X
+    before or after --help), which flags override. An unknown preset gets no suffixes (parse_args names it)."""
+    import argparse
+    import dataclasses
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=default)
+    name = pre.parse_known_args(argv)[0].preset
+    if name not in presets:
+        return {}
+    cfg = presets[name]
+
+    def show(v):
+        if isinstance(v, tuple) and v and isinstance(v[0], tuple):  # the γ table, as the flag takes it
+            return ",".join(":".join(map(str, pair)) for pair in v)
+        return ",".join(map(str, v)) if isinstance(v, tuple) else repr(v) if v == "" else str(v)
+    return {f.name: f" ({name} preset: {show(getattr(cfg, f.name))})".replace("%", "%%") for f in dataclasses.fields(cfg)}
+
+
+def data_line(spec: str, source, latent_shape: tuple, downscale: int) -> str:
+    """The run's data in one line: how many images (or prompts) were found, image and latent size, latent cache."""
+    kind = "images" if source.has_images else "prompts (no images)"
+    size = latent_shape[-1] * downscale
+    space = f"latents {'×'.join(map(str, latent_shape))}" if downscale > 1 else "pixel space"
+    cache = ", from the latent cache" if getattr(source, "encoded", False) else ""
+    return f"data {spec}: {source.n} {kind}, {size}×{size} px, {space}{cache}"
 
 
 def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:
@@ -225,9 +326,19 @@ def save_state(path: str, step: int, modules: dict, optimizers: dict, extra: dic
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"imagine_flash": json.dumps(meta)})
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        save_file(tensors, tmp, metadata={"imagine_flash": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:  # an error or Ctrl-C mid-write leaves the old checkpoint and no temporary file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    PROGRESS["checkpoint"] = f"{path} (step {step})"
+
+
+def temp_name(path: str) -> str:
+    """A temporary name beside `path` that no other process picks: pid and random bytes."""
+    return f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
 def read_state(path: str) -> tuple[dict, dict]:
@@ -244,21 +355,142 @@ def read_state(path: str) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def load_state(path: str, modules: dict, optimizers: dict) -> dict:
-    """Restore modules, optimizers and RNG from `path`; returns the meta (step, extra)."""
+def load_state(path: str, modules: dict, optimizers: dict, config: dict | None = None,
+               changeable: frozenset = frozenset()) -> dict:
+    """Restore modules, optimizers and RNG from `path`; returns the meta (step, extra). With `config` (the new
+    run's), the checkpoint's stored config is compared first (check_resume): a field outside `changeable`
+    that differs is refused in one line before anything is restored."""
     tensors, meta = read_state(path)
+    if config is not None:
+        changed = check_resume(meta.get("extra") or {}, config, changeable, path)
+        if changed:
+            print0(f"resume {path} with: {'; '.join(changed)}")
     for name, module in modules.items():
         sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        missing, unexpected = unwrap(module).load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = unwrap(module).load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # size mismatch: a checkpoint of another model size
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), "")
+            raise ValueError(f"checkpoint {path} does not fit the {name} network ({first.rstrip('.')}): "
+                             "was it made with another config?") from None
         if missing or unexpected:
             what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
             raise ValueError(f"checkpoint {path} does not fit the {name} network ({what}): was it made with another config?")
     for name, opt in optimizers.items():
         _optimizer_from_flat(opt, tensors, meta["optimizers"][name], name)
     torch.set_rng_state(tensors["rng.cpu"])
+    PROGRESS["checkpoint"] = f"{path} (step {meta['step']})"
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# one run per folder, resume semantics, non-finite runs
+# --------------------------------------------------------------------------------------------------
+RUN_FILES = ("state.safetensors", "config.json", "train_config.json", "log.jsonl", "student", "unet")
+
+
+def resume_path(out: str, resume: str) -> str:
+    """The checkpoint to resume: "" (start fresh), "auto" (<out>/state.safetensors when it exists), or a path."""
+    state = os.path.join(out, "state.safetensors")
+    if resume == "auto":
+        return state if os.path.isfile(state) else ""
+    return resume
+
+
+def open_run(out: str, resume: str, overwrite: bool, dist_: Dist):
+    """Claim `out` for this run, before anything is written to it. Refuses (ValueError, one line) an --out that is
+    a file, and a new run into a folder that already holds a run (its checkpoint, config, log or exported model)
+    unless the user chose: --resume (continue it) or --overwrite (replace it: the old checkpoint and log are
+    removed so nothing of the two runs mixes). Then takes an exclusive lock on <out>/.lock (flock, released when
+    the process ends, even on kill -9): a second run into the same folder stops at once. Returns the lock's open
+    file (keep it referenced for the run's life); None on the other ranks, which follow the main rank's verdict."""
+    error, lock = None, None
+    if dist_.main:
+        try:
+            lock = _claim(out, resume, overwrite)
+        except ValueError as e:
+            error = str(e)
+    agree(error)
+    return lock
+
+
+def _claim(out: str, resume: str, overwrite: bool):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: choose one")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if found and not resume and not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume auto to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise ValueError(f"another run is writing to {out} ({holder or 'lock held'}): one run per folder") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    _HELD.append(lock)
+    if overwrite:  # the old run's resumable state and its log go; its exported files are rewritten at the end
+        for f in ("state.safetensors", "log.jsonl"):
+            if os.path.isfile(os.path.join(out, f)):
+                os.remove(os.path.join(out, f))
+    return lock
+
+
+_HELD = []  # the locks this process holds
+
+
+def release_run() -> None:
+    """Let go of the folders this process claimed (the end of a run; the OS does it too when a process dies)."""
+    while _HELD:
+        _HELD.pop().close()
+
+
+def check_resume(stored: dict, config: dict, changeable, path: str = "the checkpoint") -> list[str]:
+    """Compare the config a checkpoint was made with (`stored`) with the resumed run's (`config`). A field in
+    `changeable` may differ (returned as "field old → new" lines for the log); any other that differs raises
+    ValueError naming the field and both values. Fields absent on either side are not compared."""
+    def norm(v):  # tuples and lists are the same after the JSON round trip of the checkpoint header
+        return json.loads(json.dumps(v))
+    changed = []
+    for k in config:
+        if k not in stored or norm(stored[k]) == norm(config[k]):
+            continue
+        if k not in changeable:
+            raise ValueError(f"cannot resume {path} with {k} = {norm(config[k])!r}: the checkpoint was made with "
+                             f"{k} = {stored[k]!r} (a resumed run may change only {', '.join(sorted(changeable))})")
+        changed.append(f"{k} {stored[k]!r} → {norm(config[k])!r}")
+    return changed
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """A resumed run's learning rate: the optimizer restored from a checkpoint carries the old one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if "initial_lr" in group:  # the base an LR scheduler scales
+            group["initial_lr"] = lr
+
+
+def check_finite(step: int, logs: dict, *modules: torch.nn.Module) -> None:
+    """Stop (ValueError) when a logged loss, or the weights, are NaN/Inf after training step `step`: the run ends
+    before it can write a checkpoint, a log line or an exported model from them, so the last good checkpoint stays.
+    The weight check is one sum per network (one device sync); under DDP every rank agrees on the verdict."""
+    bad = [k for k, v in logs.items() if not math.isfinite(float(v))]
+    for module in modules:
+        if module is not None and not bool(torch.isfinite(sum(p.detach().float().sum() for p in unwrap(module).parameters()))):
+            bad.append(f"{type(unwrap(module)).__name__} weights")
+    error = (f"non-finite {', '.join(bad)} at step {step}: stopped without saving; {last_checkpoint()} "
+             "(lower --lr or the guidance scale)") if bad else None
+    agree(error, main_decides=False, elsewhere=f"non-finite loss or weights on another process at step {step}: stopped "
+                                                 f"without saving; {last_checkpoint()}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,9 +500,20 @@ class Logger:
     """One fixed-width line every `every` steps: step, the mean of each loss term since the last line (over the
     steps that reported it), milliseconds per iteration and peak memory. Also appended to a log file as JSON lines."""
 
-    def __init__(self, every: int, path: str | None = None, total: int | None = None):
+    def __init__(self, every: int, path: str | None = None, total: int | None = None, start: int = 0):
         self.every, self.path, self.total = every, path, total
         self.sums, self.counts, self.count, self.t0 = {}, {}, 0, time.perf_counter()
+        if path and os.path.isfile(path):  # a resumed run: drop the lines of steps it is about to redo
+            keep = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= start:
+                            keep.append(line)
+                    except (ValueError, KeyError, TypeError):  # a line torn by a kill: dropped
+                        pass
+            with open(path, "w") as f:
+                f.writelines(keep)
 
     def add(self, **terms: float) -> None:
         for k, v in terms.items():
@@ -279,6 +522,7 @@ class Logger:
         self.count += 1
 
     def maybe_print(self, step: int, device: torch.device) -> None:
+        PROGRESS["step"] = step
         if step % self.every and step != self.total:
             return
         ms = 1000 * (time.perf_counter() - self.t0) / max(self.count, 1)
@@ -295,5 +539,15 @@ class Logger:
         print0(f"step {step:>{width}}  {terms}  {ms:8.1f} ms/it  mem {mem:6.2f} GB")
         if self.path and (not dist.is_initialized() or dist.get_rank() == 0):
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **means, "ms_per_it": ms, "mem_gb": mem}) + "\n")
+                rec = {"step": step, **means, "ms_per_it": ms, "mem_gb": mem}
+                # strict JSON: a non-finite value is written as null, never as a bare NaN
+                f.write(json.dumps({k: v if math.isfinite(v) else None for k, v in rec.items()}) + "\n")
         self.sums, self.counts, self.count, self.t0 = {}, {}, 0, time.perf_counter()
+
+
+def progress_bar(total: int, initial: int, desc: str, dist_: Dist):
+    """tqdm on the main process, and only on a terminal: in a redirected log its carriage-return updates would
+    glue to the log lines (which carry the same information)."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, leave=False,
+                disable=not dist_.main or not sys.stderr.isatty())

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import engine
 from pipeline import encode_prompts, load_pipeline
 from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_sample, student_timesteps, trailing
 
@@ -133,7 +134,7 @@ def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str) -> None:
 
 def write_table(results: list[dict], path_md: str, header: str) -> str:
     cols = [("method", "method"), ("NFE", "nfe"), ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"),
-            ("label acc ↑", "label_acc"), ("FID ↓", "fid"), ("CLIP ↑", "clip"), ("saturation", "saturation"),
+            ("label acc ↑", "label_acc"), ("FID ↓", "fid"), ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"), ("saturation", "saturation"),
             ("contrast", "contrast")]
     cols = [(h, k) for h, k in cols if any(k in r for r in results)]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and abs(v) < 1 else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -149,7 +150,8 @@ def write_table(results: list[dict], path_md: str, header: str) -> str:
 
 def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batch_size: int, cfg_scale: float,
              seed: int, inception: str | None, reference: str | None, clip: str | None, prompts_file: str | None,
-             grid_cols: int, device: torch.device, rows_filter=None) -> list[dict]:
+             grid_cols: int, device: torch.device, rows_filter=None, fid: str = "", fid_weights: str | None = None
+             ) -> list[dict]:
     teacher = load_pipeline(teacher_path).to(device)
     student = load_pipeline(student_path).to(device) if student_path else None
     toy = teacher.encoder is not None and teacher.encoder.config().get("kind") == "labels"
@@ -176,6 +178,15 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         fid_model = InceptionFeatures(inception).to(device)
         fid_ref = reference_features(fid_model, reference, toy, teacher, n, device)
 
+    fid_std_ref = None
+    if fid == "torch-fidelity":  # the published-table FID: a reference folder, or (toy) generated real images
+        if reference:
+            fid_std_ref = reference
+        elif toy:
+            from data import make_toy
+            fid_std_ref = make_toy(n, seed=3000, size=teacher.latent_shape()[-1])[0]
+        else:
+            raise ValueError("--fid torch-fidelity needs --reference (a folder of real images)")
     results, grid = [], []
     if toy:  # the real-data row: the ceiling for label accuracy, the floor for FD
         from data import make_toy
@@ -188,12 +199,18 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         if pipe is None:
             continue
         images, spi = generate(pipe, row, x_T, prompts, batch_size, device)
+        if not torch.isfinite(images).all():  # a NaN model: no metric of it means anything
+            raise ValueError(f"{row['name']} ({student_path if row['model'] == 'student' else teacher_path}) produced "
+                             "non-finite samples: its weights are NaN/Inf (was it saved from a diverged run?)")
         r = {"method": row["name"], "nfe": nfe(row), "timesteps": list(row["timesteps"]), "sec_per_image": spi}
         if judge is not None:
             r.update(judge(images, prompts))
         if fid_model is not None:
             from metrics import frechet_distance
             r["fid"] = frechet_distance(feats(fid_model, images, device), fid_ref)
+        if fid_std_ref is not None:
+            from metrics import fid_torch_fidelity
+            r["fid_tf"] = fid_torch_fidelity(images, fid_std_ref, fid_weights, device)
         if clip and prompts is not None and not toy:
             from metrics import clip_score
             r["clip"] = clip_score(images.to(device), prompts, clip)
@@ -251,8 +268,10 @@ def ablation(args, device) -> None:
         out = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
         tqdm.write(f"ablation: {name}: distill.py {' '.join(flags)}")
         if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
-            distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, *flags, *args.distill_args]),
-                        distill_dist(device))
+            # --resume auto: a row interrupted before its export continues from its checkpoint
+            distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, "--resume", "auto", *flags,
+                                             *args.distill_args]), distill_dist(device))
+            engine.release_run()
         keep = lambda row: row["name"] == "student 3 steps"  # noqa: E731  (its own sampler: NC as it was trained)
         r = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
                      args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols,
@@ -284,6 +303,11 @@ def main(argv=None) -> None:
     p.add_argument("--grid-cols", type=int, default=12, help="columns of the grid picture")
     p.add_argument("--inception", default=None, help="Inception-v3 weights file, or 'download', for FID")
     p.add_argument("--reference", default=None, help="folder of real images for FID (toy: generated)")
+    p.add_argument("--fid", default="", choices=["", "torch-fidelity"],
+                   help="torch-fidelity: also the standard FID of published tables (TF-Inception weights, column fid_tf; "
+                        "pip install -r requirements-eval.txt)")
+    p.add_argument("--fid-weights", default=None, help="local copy of torch-fidelity's pt_inception-2015-12-05 weights "
+                                                       "(default: downloaded once)")
     p.add_argument("--clip", default=None, help="CLIP model folder or hub id for the CLIP score")
     p.add_argument("--prompts", default=None, help="prompts file for a text-conditioned teacher")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -291,13 +315,19 @@ def main(argv=None) -> None:
     p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
                    help="(with --ablation) extra distill.py flags, e.g. --steps 300; must come last")
     args = p.parse_args(argv)
+    if args.n < 2 or args.batch_size < 1 or args.grid_cols < 1:
+        p.error(f"--n must be ≥ 2 (a covariance needs two samples), --batch-size and --grid-cols ≥ 1; "
+                f"got {args.n}, {args.batch_size}, {args.grid_cols}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is available here")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         if args.ablation:
             ablation(args, device)
             return
         results = evaluate(args.teacher, args.student or None, args.out, args.n, args.batch_size, args.cfg_scale, args.seed,
-                           args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device)
+                           args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device,
+                           fid=args.fid, fid_weights=args.fid_weights)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)

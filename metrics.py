@@ -1,6 +1,9 @@
 """Quality measures used by evaluate.py: FID, CLIP score, the toy preset's label accuracy, colour stats.
 
-- `frechet_distance` + `InceptionFeatures`: FID (Heusel et al. 2017) on Inception-v3 pool3 features.
+- `frechet_distance` + `InceptionFeatures`: FID (Heusel et al. 2017) on torchvision's Inception-v3 pool3
+  features: offline, comparable between runs of this project.
+- `fid_torch_fidelity`: the standard FID of published tables (TF-Inception weights and resizing) through the
+  optional torch-fidelity package.
 - `clip_score`: 100 * cosine(image, text) of a CLIP model (Hessel et al. 2021), the paper's CLIP column.
 - `ToyClassifier` / `train_toy_classifier` / `label_accuracy`: on the toy dataset (data.py) a small
   CNN, trained in seconds on real toy images, checks that a sample shows the class it was asked
@@ -85,7 +88,12 @@ class InceptionFeatures(nn.Module):
         self.net = inception_v3(weights=None, aux_logits=False, transform_input=False, init_weights=False)
         if weights is not None:
             if weights == "download":
-                state = Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+                try:
+                    state = Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+                except Exception as e:  # offline, proxy, …: urllib's errors are many kinds
+                    raise ValueError(f"--inception download: torchvision's Inception-v3 weights could not be downloaded "
+                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass a local "
+                                     "weights file instead") from None
             elif weights.endswith(".safetensors"):
                 from safetensors.torch import load_file
 
@@ -107,6 +115,45 @@ class InceptionFeatures(nn.Module):
     def forward(self, images):
         x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
         return self.net(x)  # (B, 2048)
+
+
+# ----------------------------------------------------------------------------------------------
+# FID comparable with published tables: torch-fidelity (optional: pip install -r requirements-eval.txt)
+
+
+class _Uint8Images(torch.utils.data.Dataset):
+    """Images (N, 3, H, W) in [-1, 1] as torch-fidelity takes them: uint8 (3, H, W), rounded as a PNG would be."""
+
+    def __init__(self, images):
+        self.images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def fid_torch_fidelity(images, reference, weights: str | None = None, device=torch.device("cpu"),
+                       batch_size: int = 64) -> float:
+    """The standard FID of published tables (Heusel et al.; the TF-Inception pool3 features with TF's resizing, as
+    pytorch-fid and torch-fidelity compute it) of `images` (N, 3, H, W) in [-1, 1] against `reference`: a folder of
+    images (read by torch-fidelity itself) or a tensor like `images`. `weights`: a local copy of torch-fidelity's
+    pt_inception-2015-12-05 weights file; None downloads them once (network)."""
+    try:
+        import torch_fidelity
+    except ImportError:
+        raise ValueError("--fid torch-fidelity needs the optional package: pip install -r requirements-eval.txt "
+                         "(torch-fidelity)") from None
+    ref = reference if isinstance(reference, str) else _Uint8Images(reference)
+    try:
+        result = torch_fidelity.calculate_metrics(
+            input1=_Uint8Images(images), input2=ref, fid=True, feature_extractor="inception-v3-compat",
+            feature_extractor_weights_path=weights, cuda=device.type == "cuda", batch_size=batch_size, cache=False,
+            verbose=False, samples_find_deep=True)
+    except Exception as e:  # no network for the weights, an unreadable reference folder, …: one line
+        raise ValueError(f"torch-fidelity FID failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return float(result["frechet_inception_distance"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,13 +225,20 @@ def train_toy_classifier(
     settings = dict(seed=seed, size=size, n_train=n_train, steps=steps, batch_size=batch_size, lr=lr, width=width)
     meta_path = os.path.splitext(cache)[0] + ".json" if cache else None
     if cache and os.path.isfile(cache) and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            if json.load(f).get("settings") == settings:
-                from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:
+            with open(meta_path) as f:
+                same = json.load(f).get("settings") == settings
+            if same:
                 classifier = ToyClassifier(width)
                 classifier.load_state_dict(load_file(cache))
                 return classifier.eval()
+        except (SafetensorError, ValueError, RuntimeError, OSError, AttributeError) as e:
+            # a cache is derived data: a torn or foreign one is retrained (it takes seconds), not fatal
+            print(f"toy classifier cache {cache} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                  "training it again")
 
     torch.manual_seed(seed)  # weight init
     g = torch.Generator().manual_seed(seed)  # batch order
@@ -237,7 +291,7 @@ def _load_clip(model_path, device):
     # cached: evaluate.py scores several methods with one CLIP model
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(model_path).to(device).eval().requires_grad_(False)
+    model = CLIPModel.from_pretrained(model_path, use_safetensors=True).to(device).eval().requires_grad_(False)
     return model, CLIPProcessor.from_pretrained(model_path)
 
 

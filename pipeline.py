@@ -93,15 +93,24 @@ def _base(path: str) -> str:
     if not base:
         return path
     beside = os.path.join(path, base)
-    return beside if os.path.isdir(beside) else resolve(base)
+    if os.path.isdir(beside):
+        return beside
+    if os.path.isabs(base) or base.startswith(".") or base.count("/") != 1:  # a local folder, not a hub id
+        raise FileNotFoundError(f"{os.path.join(path, 'pipeline.json')} takes vae/ and the text encoder from base {base!r}, "
+                                f"but there is no folder {os.path.normpath(beside)}: copy the base along, or edit the base "
+                                "in pipeline.json")
+    return resolve(base)
 
 
 def load_encoder(path: str) -> nn.Module | None:
     base = _base(path)
     for folder in (path, base):
         if os.path.isfile(os.path.join(folder, "conditioning.json")):
-            with open(os.path.join(folder, "conditioning.json")) as f:
-                return load_conditioning(json.load(f))
+            try:
+                with open(os.path.join(folder, "conditioning.json")) as f:
+                    return load_conditioning(json.load(f))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{os.path.join(folder, 'conditioning.json')} is not valid JSON ({e})") from None
         if os.path.isdir(os.path.join(folder, "text_encoder")) or os.path.isdir(os.path.join(folder, "tokenizer")):
             return TextEncoder.from_pretrained(folder)  # names the missing half in one line if only one exists
     return None

@@ -136,8 +136,12 @@ class VPSchedule:
         """Read `scheduler/scheduler_config.json` (a pipeline folder) or `scheduler_config.json`."""
         for path in (os.path.join(folder, "scheduler", "scheduler_config.json"), os.path.join(folder, "scheduler_config.json")):
             if os.path.isfile(path):
-                with open(path) as f:
-                    return cls.from_config(json.load(f))
+                try:
+                    with open(path) as f:
+                        cfg = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{path} is not valid JSON ({e})") from None
+                return cls.from_config(cfg)
         raise FileNotFoundError(f"no scheduler/scheduler_config.json in {folder}")
 
     def save_pretrained(self, folder: str) -> None:

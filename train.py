@@ -55,6 +55,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 500
     resume: str = ""
+    overwrite: bool = False  # replace a run already in --out (without it, a new run there is refused)
     device: str = "auto"
     bf16: bool = False
 
@@ -108,6 +109,20 @@ def build_unet(name: str, **overrides) -> UNet:
     return UNet({**config, **overrides})
 
 
+# what a resumed run may change (see distill.RESUME_CHANGEABLE): length, logging, learning rate, how it runs
+RESUME_CHANGEABLE = frozenset({"steps", "lr", "warmup", "log_every", "ckpt_every", "resume", "overwrite", "out", "device",
+                               "bf16", "preset"})
+
+
+def validate(cfg: TrainConfig) -> None:
+    """The whole config, before anything is loaded or written: one ValueError line for the first nonsense value."""
+    engine.validate_common(cfg)
+    if not 0 <= cfg.cond_drop <= 1:
+        raise ValueError(f"--cond-drop must be a probability in [0, 1], got {cfg.cond_drop}")
+    if cfg.warmup < 0 or cfg.image_size < 0:
+        raise ValueError(f"--warmup and --image-size must be ≥ 0, got {cfg.warmup} and {cfg.image_size}")
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, str]:
     p = argparse.ArgumentParser(description="Pretrain a diffusion teacher (ε-prediction, CFG dropout, EMA). "
                                             "Flags override the preset.")
@@ -121,13 +136,15 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
              "cond_drop": "condition dropout probability (CFG)", "ema_decay": "EMA decay",
              "label_seed": "seed of the toy label-embedding table", "seed": "random seed", "toy_size": "toy image size",
              "toy_images": "toy dataset size", "log_every": "log line every N steps", "ckpt_every": "checkpoint every N steps",
-             "resume": "checkpoint to resume, or 'auto'", "device": "auto | cpu | cuda", "bf16": "bf16 autocast on CUDA"}
+             "resume": "checkpoint to resume, or 'auto'",
+             "overwrite": "replace the run already in --out (its checkpoint and log are removed)", "device": "auto | cpu | cuda", "bf16": "bf16 autocast on CUDA"}
+    shown = engine.preset_help(argv, TRAIN_PRESETS)  # --help: the preset's value of each flag
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name] + shown.get(f.name, ""))
         else:
-            p.add_argument(flag, dest=f.name, default=None, type=f.type if f.type in (int, float) else str, help=helps[f.name])
+            p.add_argument(flag, dest=f.name, default=None, type=f.type if f.type in (int, float) else str, help=helps[f.name] + shown.get(f.name, ""))
     args = p.parse_args(argv)
     if args.preset not in TRAIN_PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
@@ -139,7 +156,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
 
 
 def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
-    from tqdm.auto import tqdm
+    validate(cfg)
+    cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     device = dist.device
     accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
     schedule = VPSchedule(cfg.schedule)
@@ -167,12 +185,18 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     model_ddp = DDP(model) if dist.world > 1 else model
 
+    lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
     state_path = os.path.join(cfg.out, "state.safetensors")
     step = 0
-    resume = state_path if cfg.resume == "auto" and os.path.isfile(state_path) else (cfg.resume if cfg.resume != "auto" else "")
+    resume = engine.resume_path(cfg.out, cfg.resume)
     if resume:
-        step = engine.load_state(resume, {"model": model, "ema": ema}, {"opt": opt})["step"]
+        step = engine.load_state(resume, {"model": model, "ema": ema}, {"opt": opt},
+                                 config={"preset": preset, **dataclasses.asdict(cfg)}, changeable=RESUME_CHANGEABLE)["step"]
+        engine.set_lr(opt, cfg.lr)  # the new run's learning rate, not the checkpoint's
+        sched_lr.base_lrs = [cfg.lr]
         sched_lr.last_epoch = step
+        for group in opt.param_groups:  # the warm-up factor at this step, as an uninterrupted run would have it
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
         engine.print0(f"resumed from {resume} at step {step}")
     if dist.main:
         os.makedirs(cfg.out, exist_ok=True)
@@ -181,8 +205,9 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     engine.print0(f"train: preset {preset}, U-Net {cfg.unet} ({n_params:.2f}M params), {cfg.schedule} schedule, "
                   f"{dist.world} process(es), accumulation {accum}")
-    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train teacher", disable=not dist.main, leave=False)
+    engine.print0(engine.data_line(cfg.data, source, (model.config["in_channels"], *[model.config["sample_size"]] * 2), 1))
+    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step)
+    bar = engine.progress_bar(cfg.steps, step, "train teacher", dist)
     while step < cfg.steps:
         # the global batch's randomness from (seed, step): ranks take slices, resume is exact
         g = engine.rank_generator(cfg.seed, step)
@@ -211,6 +236,7 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
         sched_lr.step()
         engine.update_ema(ema, model, cfg.ema_decay)
         step += 1
+        engine.check_finite(step, {"loss": total}, model)  # NaN/Inf: stop before anything is written
         logger.add(loss=total)
         bar.update(1)
         logger.maybe_print(step, device)

@@ -49,6 +49,7 @@ class RunConfig:
     sample_every: int = arg(0, "sample grid every N steps (0: only at the end)")
     ckpt_every: int = arg(200, "checkpoint every N steps")
     resume: str = arg("", "checkpoint to resume, or 'auto' (<out>/state.safetensors if it exists)")
+    overwrite: bool = arg(False, "replace the run already in --out (its checkpoint and log are removed)")
     device: str = arg("auto", "auto | cpu | cuda")
     bf16: bool = arg(False, "bf16 autocast (CUDA) and bf16 frozen networks")
     grad_ckpt: bool = arg(False, "gradient checkpointing in the trainable networks")
@@ -73,8 +74,15 @@ def draw_timestep(timesteps: tuple, seed: int, step: int) -> int:
 class Distiller:
     """Teacher, student, EMA, data and the student's optimiser from a RunConfig; a method adds the rest."""
 
+    lr_of = {"opt_g": "lr"}  # optimiser → its learning-rate field (a resumed run applies the new values)
+
     def __init__(self, cfg: RunConfig, dist: engine.Dist):
         self.cfg, self.dist = cfg, dist
+        engine.validate_common(cfg)
+        if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+            raise ValueError(f"--adam-betas must be two numbers in [0, 1), got {cfg.adam_betas}")
+        if cfg.grad_clip < 0 or cfg.sample_every < 0:
+            raise ValueError("--grad-clip and --sample-every must be ≥ 0 (0: off / at the end)")
         if list(cfg.timesteps) != sorted(set(cfg.timesteps), reverse=True) or not 0 <= min(cfg.timesteps) <= max(cfg.timesteps) < 1000:
             raise ValueError(f"--timesteps must be distinct, descending, in [0, 999]; got {cfg.timesteps}")
         if not 0 <= cfg.first_t < 1000:

@@ -233,10 +233,34 @@ def disc_loss(cfg: Config, disc, schedule, x0_real, x0_fake, s, eps_real, eps_fa
 # --------------------------------------------------------------------------------------------------
 # the iteration
 # --------------------------------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    """This method's fields, before anything is loaded or written: one ValueError line for the first nonsense."""
+    checks = [
+        (cfg.k >= 1, f"--k must be ≥ 1 teacher step, got {cfg.k}"),
+        (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
+        (cfg.lr_disc > 0, f"--lr-disc must be > 0, got {cfg.lr_disc}"),
+        (cfg.lambda_adv >= 0, f"--lambda-adv must be ≥ 0, got {cfg.lambda_adv}"),
+        (cfg.r1 >= 0, f"--r1 must be ≥ 0, got {cfg.r1}"),
+        (1 <= cfg.disc_t_max <= 1000, f"--disc-t-max must be in [1, 1000], got {cfg.disc_t_max}"),
+        (all(len(pair) == 2 for pair in cfg.gamma), f"--gamma must be threshold:gamma pairs, got {cfg.gamma}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if cfg.recon == "srl":  # every timestep the student trains at has its γ, and each γ is a timestep ≥ k
+        for t in cfg.timesteps:
+            g = gamma_of(t, cfg.gamma)
+            if not cfg.k <= g <= 999:
+                raise ValueError(f"--gamma gives γ({t}) = {g}: it must be a timestep in [k = {cfg.k}, 999]")
+
+
 class ImagineFlash(Distiller):
     """The shared Distiller (teacher, student, EMA, data) plus the discriminator and its optimiser."""
 
+    lr_of = {"opt_g": "lr", "opt_d": "lr_disc"}
+
     def __init__(self, cfg: Config, dist: engine.Dist):
+        validate(cfg)
         if cfg.recon not in ("srl", "plain", "none"):
             raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
         if cfg.recon_weight not in ("x0", "snr", "sqrt_snr"):

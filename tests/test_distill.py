@@ -554,7 +554,7 @@ def test_corrupt_checkpoint_is_one_line_and_untouched(teacher, tmp_path, capsys)
     assert e.value.code == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("error: corrupt")
-    assert bad.read_bytes() == raw[:100] and sorted(os.listdir(bad.parent)) == ["state.safetensors"]
+    assert bad.read_bytes() == raw[:100] and sorted(os.listdir(bad.parent)) == [".lock", "state.safetensors"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,6 @@ modules (methods/common.py, sampler.py, schedule.py, discriminator.py, …), nev
   dmd2            distribution matching with an online fake score, two time-scale updates, GAN head (Yin et al. 2024)
   emd             EM distillation: Langevin E-step on (ε, z) with noise cancellation (Xie et al. 2024)
 """
-from methods import dmd2, imagine_flash
+from methods import dmd2, emd, imagine_flash
 
-METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2}
+METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd}

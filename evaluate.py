@@ -35,7 +35,8 @@ def methods(cfg_scale: float, spec: dict) -> list[dict]:
     """The rows: who samples, with which sampler, timesteps, guidance and noise correction. A student samples
     with its own sampler (`spec`, from its pipeline.json) at n = 1 … len(timesteps) steps: the first n."""
     rows = [dict(name="teacher DPM++ 25 steps", model="teacher", solver="dpm++", timesteps=linspace(25), cfg=cfg_scale),
-            dict(name="teacher DDIM 3 steps", model="teacher", solver="ddim", timesteps=trailing(3), cfg=cfg_scale)]
+            *[dict(name=f"teacher DDIM {n} step{'s' if n > 1 else ''}", model="teacher", solver="ddim",
+                   timesteps=trailing(n), cfg=cfg_scale) for n in (1, 2, 3)]]
     ts = list(spec["timesteps"])
     for n in range(1, len(ts) + 1):
         rows.append(dict(name=f"student {n} step{'s' if n > 1 else ''}", model="student", solver="student",
@@ -150,8 +151,11 @@ def write_table(results: list[dict], path_md: str, header: str) -> str:
 
 def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batch_size: int, cfg_scale: float,
              seed: int, inception: str | None, reference: str | None, clip: str | None, prompts_file: str | None,
-             grid_cols: int, device: torch.device, rows_filter=None, fid: str = "", fid_weights: str | None = None
-             ) -> list[dict]:
+             grid_cols: int, device: torch.device, rows_filter=None, fid: str = "", fid_weights: str | None = None,
+             images_out: dict | None = None, classifier: str | None = None) -> list[dict]:
+    """One row per sampler (methods()): NFE, s/image and the quality columns. images_out: {row name: the first
+    grid_cols images}, for a caller that draws its own picture. classifier: where the toy classifier is cached
+    (default <out>/toy_classifier.safetensors); rows compared across calls must share it."""
     teacher = load_pipeline(teacher_path).to(device)
     student = load_pipeline(student_path).to(device) if student_path else None
     toy = teacher.encoder is not None and teacher.encoder.config().get("kind") == "labels"
@@ -171,7 +175,7 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
     x_T = torch.randn(n, *teacher.latent_shape(), generator=g)  # the same noise for every method
     spec = sampler_of(student)
 
-    judge = ToyJudge(teacher.latent_shape()[-1], os.path.join(out, "toy_classifier.safetensors")) if toy else None
+    judge = ToyJudge(teacher.latent_shape()[-1], classifier or os.path.join(out, "toy_classifier.safetensors")) if toy else None
     fid_model, fid_ref = None, None
     if inception:
         from metrics import InceptionFeatures
@@ -217,6 +221,8 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         r.update(sat(images))
         results.append(r)
         grid.append((row["name"], images[:grid_cols]))
+        if images_out is not None:
+            images_out[row["name"]] = images[:grid_cols]
         tqdm.write(f"  {row['name']:<28} " + "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)))
     os.makedirs(out, exist_ok=True)
     save_grid_picture(grid, os.path.join(out, "grid.png"))
@@ -275,11 +281,11 @@ def ablation(args, device) -> None:
         keep = lambda row: row["name"] == "student 3 steps"  # noqa: E731  (its own sampler: NC as it was trained)
         r = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
                      args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols,
-                     device, rows_filter=keep)
+                     device, rows_filter=keep, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
         results.append({**r[-1], "method": name + ", 3 steps"})
     teacher_rows = evaluate(args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size,
                             args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts,
-                            args.grid_cols, device)
+                            args.grid_cols, device, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
     table = write_table(teacher_rows + results, os.path.join(args.out, "ablation.md"),
                         f"Ablation (paper Table 3) at toy scale, {args.n} samples per row")
     print(table)

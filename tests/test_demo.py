@@ -50,8 +50,8 @@ def test_evaluate_writes_picture_and_table_for_the_trained_timesteps(demo):
     assert (ev / "grid.png").is_file() and (ev / "results.md").is_file()
     rows = {r["method"]: r for r in json.loads((ev / "results.json").read_text())}
     # a student trained on (999, 500) is evaluated at 1 step = (999) and 2 steps = (999, 500), nothing else
-    assert {"real images", "teacher DPM++ 25 steps", "teacher DDIM 3 steps", "student 1 step", "student 2 steps",
-            "student 2 steps w/o NC"} == set(rows)
+    assert {"real images", "teacher DPM++ 25 steps", "teacher DDIM 1 step", "teacher DDIM 2 steps",
+            "teacher DDIM 3 steps", "student 1 step", "student 2 steps", "student 2 steps w/o NC"} == set(rows)
     assert rows["student 2 steps"]["nfe"] == 2 and rows["teacher DPM++ 25 steps"]["nfe"] == 50
     for r in rows.values():
         assert 0.0 <= r["label_acc"] <= 1.0 and r["toy_fd"] >= 0.0
@@ -70,3 +70,28 @@ def test_ablation_distills_and_tabulates_every_row(demo, tmp_path):
     # the timesteps row was trained, and is evaluated, on its own timesteps
     ts_row = next(d for d in out.iterdir() if d.name.startswith("the_paper_s_timesteps"))
     assert load_pipeline(str(ts_row / "student")).timesteps == [999, 750, 500]
+
+
+def test_compare_distils_every_method_per_seed_and_resumes(demo, tmp_path):
+    """compare.py: one student per (method, seed), a row per method and step count with the mean and spread over
+    the seeds, the picture; a second call re-uses everything (no distillation, no sampling)."""
+    from methods import METHODS
+    out = tmp_path / "compare"
+    args = ["compare.py", "--teacher", str(demo[0]), "--out", str(out), "--seeds", "0,1", "--n", "12",
+            "--batch-size", "12", "--device", "cpu", "--distill-args", "--toy-size", str(SIZE), "--toy-images", "64",
+            "--global-batch", "4", "--micro-batch", "4", "--steps", "2", "--ckpt-every", "2"]
+    run(*args, timeout=900)
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())}
+    for m in METHODS:
+        for seed in (0, 1):
+            assert (out / m / f"seed{seed}" / "student" / "pipeline.json").is_file()
+        first = next(r for name, r in rows.items() if name.startswith(m + " "))
+        assert first["seeds"] == 2 and "toy_fd_sd" in first and first["distill_min"] > 0
+        seeds = [json.loads((out / m / f"seed{s}" / "eval" / "results.json").read_text()) for s in (0, 1)]
+        mean = (seeds[0][0]["toy_fd"] + seeds[1][0]["toy_fd"]) / 2
+        assert abs(first["toy_fd"] - mean) < 1e-9  # the row is the mean over the seeds
+    assert "teacher DDIM 1 step" in rows and (out / "compare.png").is_file()
+    stamp = {p: p.stat().st_mtime for p in out.rglob("results.json")}
+    again = run(*args, timeout=300)
+    assert "compare:" in again.stdout + again.stderr
+    assert {p: p.stat().st_mtime for p in out.rglob("results.json")} == stamp  # nothing evaluated twice

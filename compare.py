@@ -1,0 +1,170 @@
+"""
+Many methods, one teacher: distil every method on the same teacher with several seeds, evaluate every student on
+the same noise and prompts at each of its step counts, and write one table (mean and spread over the seeds) and
+one picture (rows = methods, the same seeds in every column).
+
+    python compare.py --teacher runs/demo/teacher --out runs/compare            (toy: see README, "Methods compared")
+    python compare.py --methods imagine_flash,dmd2 --seeds 0 --n 200 --distill-args --steps 20   (a smoke run)
+
+Each method runs at its own preset (methods/<method>.py, --preset) plus --distill-args; the presets are what sets
+the budget, and the table states each run's measured wall time. Resumable: a finished student is not distilled
+again, an interrupted one continues from its checkpoint, and an evaluated one is read back from its results.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import distill
+import engine
+from evaluate import evaluate, save_grid_picture, write_table
+from methods import METHODS
+
+METRICS = ("toy_fd", "label_acc", "fid", "clip", "saturation", "sec_per_image")
+
+
+def distill_once(args, method: str, seed: int, out: str, device) -> float:
+    """Distil (or finish distilling) one student; returns the distillation's wall time in seconds, summed over
+    the invocations that made it (wall.json in its folder)."""
+    wall_file = os.path.join(out, "wall.json")
+    wall = json.load(open(wall_file))["seconds"] if os.path.isfile(wall_file) else 0.0
+    if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
+        t0 = time.perf_counter()
+        cfg, preset = distill.parse_args(["--method", method, "--preset", args.preset, "--teacher", args.teacher,
+                                          "--out", out, "--seed", str(seed), "--resume", "auto", *args.distill_args])
+        distill.run(cfg, preset, engine.Dist(device=device))
+        engine.release_run()
+        wall += time.perf_counter() - t0
+        with open(wall_file, "w") as f:
+            json.dump({"seconds": wall}, f)
+    return wall
+
+
+def evaluate_once(args, out: str, device, images: dict) -> list[dict]:
+    """The student rows of evaluate.py for one student, cached in <out>/eval/results.json (and the picture's
+    images in grid.safetensors), so a resumed comparison does not sample them again."""
+    from safetensors.torch import load_file, save_file
+    cache, grid = os.path.join(out, "eval", "results.json"), os.path.join(out, "eval", "grid.safetensors")
+    if os.path.isfile(cache) and os.path.isfile(grid):
+        images.update(load_file(grid))
+        return json.load(open(cache))
+    rows = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
+                    args.cfg_scale, args.seed, None, None, None, None, args.grid_cols, device,
+                    rows_filter=lambda row: row["model"] == "student" and "w/o NC" not in row["name"],
+                    images_out=images, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
+    rows = [r for r in rows if r["method"] != "real images"]
+    save_file({k: v.contiguous() for k, v in images.items()}, grid)
+    with open(cache, "w") as f:
+        json.dump(rows, f, indent=2)
+    return rows
+
+
+def summarise(method: str, per_seed: list[list[dict]], walls: list[float]) -> list[dict]:
+    """One row per step count: each metric's mean and sample standard deviation over the seeds."""
+    out = []
+    for i, first in enumerate(per_seed[0]):
+        rows = [runs[i] for runs in per_seed]
+        r = {"method": f"{method} {first['method'].replace('student ', '')}", "nfe": first["nfe"], "seeds": len(rows),
+             "distill_min": statistics.mean(walls) / 60}
+        for k in METRICS:
+            vals = [x[k] for x in rows if k in x]
+            if vals:
+                r[k] = statistics.mean(vals)
+                r[k + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(r)
+    return out
+
+
+def table(rows: list[dict], path_md: str, header: str) -> str:
+    """Markdown (mean ± sd over seeds) and JSON (every number)."""
+    def cell(r, k):
+        if k not in r:
+            return ""
+        v, sd = r[k], r.get(k + "_sd")
+        f = (lambda x: f"{x:.4f}") if abs(v) < 1 else (lambda x: f"{x:.2f}")
+        return f(v) + (f" ± {f(sd) if sd >= 1e-4 else '0'}" if sd is not None and r.get("seeds", 1) > 1 else "")
+    cols = [("method", "method"), ("NFE", "nfe"), ("seeds", "seeds"), ("distill min", "distill_min"),
+            ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"), ("label acc ↑", "label_acc"), ("FID ↓", "fid"),
+            ("CLIP ↑", "clip"), ("saturation", "saturation")]
+    cols = [(h, k) for h, k in cols if any(k in r for r in rows)]
+    lines = [header, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[k]) if k in ("method", "nfe", "seeds") and k in r else
+                                       (f"{r[k]:.1f}" if k == "distill_min" and k in r else cell(r, k))
+                                       for _, k in cols) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(path_md, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(path_md)[0] + ".json", "w") as f:
+        json.dump(rows, f, indent=2)
+    return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Distil every method on one teacher (several seeds) and compare them in "
+                                            "one table and one picture.")
+    p.add_argument("--teacher", default="runs/demo/teacher", help="teacher pipeline folder (default: runs/demo/teacher)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
+    p.add_argument("--preset", default="toy", help="every method's preset (default: toy)")
+    p.add_argument("--seeds", default="0,1,2", help="distillation seeds, one student each (default: 0,1,2)")
+    p.add_argument("--n", type=int, default=1000, help="samples per row and seed (default: 1000)")
+    p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default: 250)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="the teacher rows' guidance scale (default: 2.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise, shared by all rows (default: 0)")
+    p.add_argument("--grid-cols", type=int, default=12, help="columns of the picture (default: 12)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
+                   help="extra distill.py flags for every run, e.g. --steps 300; must come last")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"bad --seeds {args.seeds!r}: comma-separated integers")
+    if args.n < 2:
+        p.error("--n must be ≥ 2")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        rows, pictures = compare(args, methods, seeds, device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    header = (f"teacher {args.teacher}, preset {args.preset}, seeds {args.seeds}, {args.n} samples per row and seed"
+              + (f", distill.py {' '.join(args.distill_args)}" if args.distill_args else ""))
+    print(table(rows, os.path.join(args.out, "compare.md"), header))
+    save_grid_picture(pictures, os.path.join(args.out, "compare.png"))
+    print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
+
+
+def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[dict], list]:
+    teacher_images = {}
+    teacher_rows = evaluate(args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size,
+                            args.cfg_scale, args.seed, None, None, None, None, args.grid_cols, device,
+                            images_out=teacher_images, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
+    rows = list(teacher_rows)
+    pictures = [(name, imgs) for name, imgs in teacher_images.items()]
+    for method in tqdm(methods, desc="methods", leave=False):
+        per_seed, walls = [], []
+        for seed in seeds:
+            out = os.path.join(args.out, method, f"seed{seed}")
+            tqdm.write(f"compare: {method}, seed {seed} → {out}")
+            walls.append(distill_once(args, method, seed, out, device))
+            images = {}
+            per_seed.append(evaluate_once(args, out, device, images))
+            if seed == seeds[0]:  # the picture: the first seed's student of each method
+                pictures += [(f"{method} {name.replace('student ', '')}", imgs) for name, imgs in images.items()]
+        rows += summarise(method, per_seed, walls)
+    return rows, pictures
+
+
+if __name__ == "__main__":
+    main()

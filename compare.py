@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 from tqdm.auto import tqdm
@@ -29,20 +28,14 @@ METRICS = ("toy_fd", "label_acc", "fid", "clip", "saturation", "sec_per_image")
 
 
 def distill_once(args, method: str, seed: int, out: str, device) -> float:
-    """Distil (or finish distilling) one student; returns the distillation's wall time in seconds, summed over
-    the invocations that made it (wall.json in its folder)."""
-    wall_file = os.path.join(out, "wall.json")
-    wall = json.load(open(wall_file))["seconds"] if os.path.isfile(wall_file) else 0.0
+    """Distil (or finish distilling) one student; returns its wall time in seconds (distill.py's wall.json, summed
+    over the invocations of a resumed run)."""
     if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
-        t0 = time.perf_counter()
         cfg, preset = distill.parse_args(["--method", method, "--preset", args.preset, "--teacher", args.teacher,
                                           "--out", out, "--seed", str(seed), "--resume", "auto", *args.distill_args])
         distill.run(cfg, preset, engine.Dist(device=device))
         engine.release_run()
-        wall += time.perf_counter() - t0
-        with open(wall_file, "w") as f:
-            json.dump({"seconds": wall}, f)
-    return wall
+    return json.load(open(os.path.join(out, "wall.json")))["seconds"]
 
 
 def evaluate_once(args, out: str, device, images: dict) -> list[dict]:

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import time
 
 import torch
 
@@ -93,6 +94,7 @@ def run(cfg, preset: str, dist: engine.Dist):
     logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
                            start=distiller.step)
     bar = engine.progress_bar(cfg.steps, distiller.step, "distill", dist)
+    wall = Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
     while distiller.step < cfg.steps:
         logs = distiller.train_step()
         engine.check_finite(distiller.step, logs, distiller.student)  # NaN/Inf: stop before anything is written
@@ -107,6 +109,7 @@ def run(cfg, preset: str, dist: engine.Dist):
             if dist.main:
                 engine.save_state(state_path, s, *distiller.state(),
                                   extra={"method": method, "preset": preset, **dataclasses.asdict(cfg)})
+                wall.save(s)
             engine.barrier()
         if dist.main and ((cfg.sample_every and s % cfg.sample_every == 0) or s == cfg.steps):
             save_grid(distiller.samples(), os.path.join(cfg.out, "samples", f"step_{s:06d}.png"))
@@ -114,9 +117,23 @@ def run(cfg, preset: str, dist: engine.Dist):
     if dist.main:
         save_pipeline(os.path.join(cfg.out, "student"), distiller.ema, distiller.schedule, distiller.pipe.encoder,
                       base=distiller.pipe.path, sampler={"method": method, **distiller.sampler_spec()})
+        wall.save(distiller.step)
         engine.print0(f"student (EMA) written to {os.path.join(cfg.out, 'student')}")
     engine.barrier()
     return distiller
+
+
+class Wall:
+    """The distillation's wall time in <out>/wall.json, summed over the invocations of a resumed run (up to its
+    last checkpoint): what compare.py reports as each method's budget."""
+
+    def __init__(self, path: str, resumed: bool):
+        self.path, self.t0 = path, time.perf_counter()
+        self.before = json.load(open(path))["seconds"] if resumed and os.path.isfile(path) else 0.0
+
+    def save(self, step: int) -> None:
+        with open(self.path, "w") as f:
+            json.dump({"seconds": self.before + time.perf_counter() - self.t0, "step": step}, f)
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 12) -> None:

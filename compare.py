@@ -38,25 +38,6 @@ def distill_once(args, method: str, seed: int, out: str, device) -> float:
     return json.load(open(os.path.join(out, "wall.json")))["seconds"]
 
 
-def evaluate_once(args, out: str, device, images: dict) -> list[dict]:
-    """The student rows of evaluate.py for one student, cached in <out>/eval/results.json (and the picture's
-    images in grid.safetensors), so a resumed comparison does not sample them again."""
-    from safetensors.torch import load_file, save_file
-    cache, grid = os.path.join(out, "eval", "results.json"), os.path.join(out, "eval", "grid.safetensors")
-    if os.path.isfile(cache) and os.path.isfile(grid):
-        images.update(load_file(grid))
-        return json.load(open(cache))
-    rows = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
-                    args.cfg_scale, args.seed, None, None, None, None, args.grid_cols, device,
-                    rows_filter=lambda row: row["model"] == "student" and "w/o NC" not in row["name"],
-                    images_out=images, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
-    rows = [r for r in rows if r["method"] != "real images"]
-    save_file({k: v.contiguous() for k, v in images.items()}, grid)
-    with open(cache, "w") as f:
-        json.dump(rows, f, indent=2)
-    return rows
-
-
 def summarise(method: str, per_seed: list[list[dict]], walls: list[float]) -> list[dict]:
     """One row per step count: each metric's mean and sample standard deviation over the seeds."""
     out = []
@@ -138,21 +119,42 @@ def main(argv=None) -> None:
     print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
 
 
+def cached_rows(folder: str, make) -> tuple[list[dict], dict]:
+    """(rows, picture images) from <folder>/results.json + grid.safetensors, or made by make(images) and saved
+    there: a resumed comparison samples nothing twice."""
+    from safetensors.torch import load_file, save_file
+    cache, grid = os.path.join(folder, "results.json"), os.path.join(folder, "grid.safetensors")
+    if os.path.isfile(cache) and os.path.isfile(grid):
+        return json.load(open(cache)), load_file(grid)
+    images = {}
+    rows = make(images)
+    save_file({k: v.contiguous() for k, v in images.items()}, grid)
+    with open(cache, "w") as f:
+        json.dump(rows, f, indent=2)
+    return rows, images
+
+
 def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[dict], list]:
-    teacher_images = {}
-    teacher_rows = evaluate(args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size,
-                            args.cfg_scale, args.seed, None, None, None, None, args.grid_cols, device,
-                            images_out=teacher_images, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
-    rows = list(teacher_rows)
-    pictures = [(name, imgs) for name, imgs in teacher_images.items()]
+    classifier = os.path.join(args.out, "toy_classifier.safetensors")  # one feature space for every row
+
+    def rows_of(student, folder, keep=None):
+        def make(images):
+            rows = evaluate(args.teacher, student, folder, args.n, args.batch_size, args.cfg_scale, args.seed, None, None,
+                            None, None, args.grid_cols, device, rows_filter=keep, images_out=images, classifier=classifier)
+            return [r for r in rows if student is None or r["method"] != "real images"]  # real images: once
+        return make
+    rows, images = cached_rows(os.path.join(args.out, "teacher_eval"), rows_of(None, os.path.join(args.out, "teacher_eval")))
+    pictures = [(name, imgs) for name, imgs in images.items() if name != "teacher DDIM 2 steps"]
+    only_students = lambda row: row["model"] == "student" and "w/o NC" not in row["name"]  # noqa: E731
     for method in tqdm(methods, desc="methods", leave=False):
         per_seed, walls = [], []
         for seed in seeds:
             out = os.path.join(args.out, method, f"seed{seed}")
             tqdm.write(f"compare: {method}, seed {seed} → {out}")
             walls.append(distill_once(args, method, seed, out, device))
-            images = {}
-            per_seed.append(evaluate_once(args, out, device, images))
+            student_rows, images = cached_rows(os.path.join(out, "eval"),
+                                               rows_of(os.path.join(out, "student"), os.path.join(out, "eval"), only_students))
+            per_seed.append(student_rows)
             if seed == seeds[0]:  # the picture: the first seed's student of each method
                 pictures += [(f"{method} {name.replace('student ', '')}", imgs) for name, imgs in images.items()]
         rows += summarise(method, per_seed, walls)

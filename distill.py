@@ -27,7 +27,7 @@ from pipeline import save_pipeline
 
 # what a resumed run may change: its length, logging, learning rates (each method's lr_of) and how it runs;
 # everything else (the networks, the method, the data, the seed) would silently make another run: refused
-RESUME_CHANGEABLE = frozenset({"steps", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume", "overwrite",
+RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume", "overwrite",
                                "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "preset"})
 
 
@@ -105,14 +105,17 @@ def run(cfg, preset: str, dist: engine.Dist):
         bar.update(1)
         logger.maybe_print(distiller.step, dist.device)
         s = distiller.step
-        if cfg.ckpt_every and (s % cfg.ckpt_every == 0 or s == cfg.steps):
+        last = s == cfg.steps or wall.spent(cfg.time_budget)  # --time-budget: stop here, checkpoint, export
+        if cfg.ckpt_every and (s % cfg.ckpt_every == 0 or last):
             if dist.main:
                 engine.save_state(state_path, s, *distiller.state(),
                                   extra={"method": method, "preset": preset, **dataclasses.asdict(cfg)})
                 wall.save(s)
             engine.barrier()
-        if dist.main and ((cfg.sample_every and s % cfg.sample_every == 0) or s == cfg.steps):
+        if dist.main and ((cfg.sample_every and s % cfg.sample_every == 0) or last):
             save_grid(distiller.samples(), os.path.join(cfg.out, "samples", f"step_{s:06d}.png"))
+        if last:
+            break
     bar.close()
     if dist.main:
         save_pipeline(os.path.join(cfg.out, "student"), distiller.ema, distiller.schedule, distiller.pipe.encoder,
@@ -127,13 +130,28 @@ class Wall:
     """The distillation's wall time in <out>/wall.json, summed over the invocations of a resumed run (up to its
     last checkpoint): what compare.py reports as each method's budget."""
 
+    clock = staticmethod(time.perf_counter)
+
     def __init__(self, path: str, resumed: bool):
-        self.path, self.t0 = path, time.perf_counter()
+        self.path, self.t0 = path, self.clock()
         self.before = json.load(open(path))["seconds"] if resumed and os.path.isfile(path) else 0.0
+
+    def seconds(self) -> float:
+        return self.before + self.clock() - self.t0
+
+    def spent(self, budget_minutes: float) -> bool:
+        """Is the budget used up? Rank 0's clock decides for every rank (they must stop at the same step)."""
+        if budget_minutes <= 0:
+            return False
+        flag = torch.tensor([float(self.seconds() >= 60 * budget_minutes)])
+        if torch.distributed.is_initialized():
+            flag = flag.to(engine.collective_device())
+            torch.distributed.broadcast(flag, 0)
+        return bool(flag.item())
 
     def save(self, step: int) -> None:
         with open(self.path, "w") as f:
-            json.dump({"seconds": self.before + time.perf_counter() - self.t0, "step": step}, f)
+            json.dump({"seconds": self.seconds(), "step": step}, f)
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 12) -> None:

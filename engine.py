@@ -180,6 +180,11 @@ def last_checkpoint() -> str:
     return "this run has no checkpoint yet"
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor must live for a collective of this process group (NCCL: the GPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def agree(error: str | None, main_decides: bool = True, elsewhere: str = "another process found an error") -> None:
     """Raise ValueError(error) on every rank when the main rank (or, with main_decides=False, any rank) found
     an error, so that all processes of a torchrun stop together instead of waiting in the next collective."""
@@ -187,8 +192,7 @@ def agree(error: str | None, main_decides: bool = True, elsewhere: str = "anothe
         if error:
             raise ValueError(error)
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1.0 if error else 0.0], device=device)
+    flag = torch.tensor([1.0 if error else 0.0], device=collective_device())
     if main_decides:
         dist.broadcast(flag, 0)
     else:

@@ -33,6 +33,8 @@ class RunConfig:
     latent_cache: str = arg("", "safetensors file of the caption folder's VAE latents (encoded once, then reused)")
     out: str = arg("runs/toy/student", "output folder (student/, state.safetensors, samples/, log.jsonl)")
     steps: int = arg(600, "training iterations")
+    time_budget: float = arg(0.0, "minutes of distillation wall time, then stop, checkpoint and export (0: no limit; "
+                                  "compare.py gives every method the same)")
     global_batch: int = arg(64, "samples per iteration over all processes")
     micro_batch: int = arg(64, "samples per forward per process")
     lr: float = arg(5e-6, "student learning rate")

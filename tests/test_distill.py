@@ -634,3 +634,17 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(cli_run, 
     t0 = load_pipeline(teacher).unet.state_dict()
     moved = max((a["student." + k] - v).abs().max().item() for k, v in t0.items())
     assert moved > 1e-4  # two Adam steps at lr 1e-4: far above the tolerance
+
+
+def test_time_budget_stops_checkpoints_and_exports(teacher, tmp_path, monkeypatch):
+    """--time-budget: the run stops at the first step past the budget, with a checkpoint and an exported student at
+    that step, and wall.json records the time (compare.py's budget column)."""
+    import distill as runner
+    clock = iter(range(0, 10_000, 40))  # every reading of the clock is 40 s later
+    monkeypatch.setattr(runner.Wall, "clock", staticmethod(lambda: float(next(clock))))
+    out = tmp_path / "run"
+    runner.main(tiny_args(teacher, str(out), "--steps", "50", "--time-budget", "2", "--ckpt-every", "100"))
+    wall = json.loads((out / "wall.json").read_text())
+    step = engine.read_state(str(out / "state.safetensors"))[1]["step"]
+    assert 1 < step < 50 and wall["step"] == step and wall["seconds"] >= 120
+    assert (out / "student" / "unet" / "config.json").is_file()

@@ -8,7 +8,8 @@ modules (methods/common.py, sampler.py, schedule.py, discriminator.py, …), nev
   imagine_flash   backward distillation, SRL, noise correction, adversarial term (Kohler et al. 2024)
   dmd2            distribution matching with an online fake score, two time-scale updates, GAN head (Yin et al. 2024)
   emd             EM distillation: Langevin E-step on (ε, z) with noise cancellation (Xie et al. 2024)
+  add             adversarial diffusion distillation: forward-noised data, discriminator + score distillation (Sauer et al. 2023)
 """
-from methods import dmd2, emd, imagine_flash
+from methods import add, dmd2, emd, imagine_flash
 
-METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd}
+METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd, "add": add}

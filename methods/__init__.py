@@ -10,6 +10,6 @@ modules (methods/common.py, sampler.py, schedule.py, discriminator.py, …), nev
   emd             EM distillation: Langevin E-step on (ε, z) with noise cancellation (Xie et al. 2024)
   add             adversarial diffusion distillation: forward-noised data, discriminator + score distillation (Sauer et al. 2023)
 """
-from methods import add, dmd2, emd, imagine_flash
+from methods import add, dmd2, emd, imagine_flash, step_distill
 
-METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd, "add": add}
+METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd, "add": add, "step_distill": step_distill}

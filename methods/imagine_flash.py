@@ -59,8 +59,12 @@ PRESETS = {
     #   snr_matched_gamma) was also worse than plain here. The γ below is that SNR-matched table, used with --recon srl.
     # - lr 1e-4 instead of 5e-6 and 800 iterations of 16 instead of 15k: more, smaller steps beat 400 × 32 at the
     #   same cost (0.91 vs 1.26); 3e-4 destabilised the adversarial game, λ_adv 0.2 was worse than 0.1.
+    # - first_t 600, a DEVIATION from the paper (--first-t 999 restores it): the student is told t = 600 at its first
+    #   step from pure noise and x̂_0 is read with α_600, σ_600 (sampler.cond_time). With 999 the first step's ε̂
+    #   errors are divided by α_999 = 0.068 and the 1-step student is noise (toy FD 22.2); with 600: 1.88, and the
+    #   2- and 3-step students improve too (3.36 → 1.22, 0.95 → 0.60; docs/tuning.md).
     "toy": Config(recon="plain", gamma=((900, 603), (500, 536), (-1, 9)), timesteps=(999, 666, 333), lr=1e-4,
-                  steps=800, global_batch=16, micro_batch=16, lambda_adv=0.1, ckpt_every=200),
+                  steps=800, global_batch=16, micro_batch=16, lambda_adv=0.1, ckpt_every=200, first_t=600),
     # One GPU, DDPM-CIFAR10 teacher (google/ddpm-cifar10-32 downloaded to a folder, or train.py --preset cifar10).
     # Unconditional: no CFG, the discriminator sees no condition. Linear β: ε̂ errors at t = 999 are amplified
     # 157× in x̂_0, so noise correction matters most here.

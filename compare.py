@@ -6,8 +6,8 @@ one picture (rows = methods, the same seeds in every column).
     python compare.py --teacher runs/demo/teacher --out runs/compare            (toy: see README, "Methods compared")
     python compare.py --methods imagine_flash,dmd2 --seeds 0 --n 200 --distill-args --steps 20   (a smoke run)
 
-Each method runs at its own preset (methods/<method>.py, --preset) plus --distill-args; the presets are what sets
-the budget, and the table states each run's measured wall time. Resumable: a finished student is not distilled
+Each method runs at its own preset (methods/<method>.py, --preset) plus --distill-args, for the same wall-time
+budget (--minutes: distill.py --time-budget); the table states each run's measured wall time. Resumable: a finished student is not distilled
 again, an interrupted one continues from its checkpoint, and an evaluated one is read back from its results.json.
 """
 import argparse
@@ -31,8 +31,10 @@ def distill_once(args, method: str, seed: int, out: str, device) -> float:
     """Distil (or finish distilling) one student; returns its wall time in seconds (distill.py's wall.json, summed
     over the invocations of a resumed run)."""
     if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
+        budget = ["--steps", "1000000", "--time-budget", str(args.minutes)] if args.minutes > 0 else []
         cfg, preset = distill.parse_args(["--method", method, "--preset", args.preset, "--teacher", args.teacher,
-                                          "--out", out, "--seed", str(seed), "--resume", "auto", *args.distill_args])
+                                          "--out", out, "--seed", str(seed), "--resume", "auto", *budget,
+                                          *args.distill_args])
         distill.run(cfg, preset, engine.Dist(device=device))
         engine.release_run()
     return json.load(open(os.path.join(out, "wall.json")))["seconds"]
@@ -87,6 +89,9 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
     p.add_argument("--preset", default="toy", help="every method's preset (default: toy)")
     p.add_argument("--seeds", default="0,1,2", help="distillation seeds, one student each (default: 0,1,2)")
+    p.add_argument("--minutes", type=float, default=6.0,
+                   help="every distillation's wall-time budget in minutes, the same for every method; 0: each preset's "
+                        "own --steps (default: 6)")
     p.add_argument("--n", type=int, default=1000, help="samples per row and seed (default: 1000)")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default: 250)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="the teacher rows' guidance scale (default: 2.0)")
@@ -112,7 +117,8 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    header = (f"teacher {args.teacher}, preset {args.preset}, seeds {args.seeds}, {args.n} samples per row and seed"
+    header = (f"teacher {args.teacher}, preset {args.preset}, seeds {args.seeds}, {args.n} samples per row and seed, "
+              + (f"{args.minutes:g} min of distillation per student" if args.minutes > 0 else "each preset's steps")
               + (f", distill.py {' '.join(args.distill_args)}" if args.distill_args else ""))
     print(table(rows, os.path.join(args.out, "compare.md"), header))
     save_grid_picture(pictures, os.path.join(args.out, "compare.png"))

@@ -77,7 +77,7 @@ def test_compare_distils_every_method_per_seed_and_resumes(demo, tmp_path):
     the seeds, the picture; a second call re-uses everything (no distillation, no sampling)."""
     from methods import METHODS
     out = tmp_path / "compare"
-    args = ["compare.py", "--teacher", str(demo[0]), "--out", str(out), "--seeds", "0,1", "--n", "12",
+    args = ["compare.py", "--teacher", str(demo[0]), "--out", str(out), "--seeds", "0,1", "--n", "12", "--minutes", "0",
             "--batch-size", "12", "--device", "cpu", "--distill-args", "--toy-size", str(SIZE), "--toy-images", "64",
             "--global-batch", "4", "--micro-batch", "4", "--steps", "2", "--ckpt-every", "2"]
     run(*args, timeout=900)

@@ -9,7 +9,8 @@ modules (methods/common.py, sampler.py, schedule.py, discriminator.py, …), nev
   dmd2            distribution matching with an online fake score, two time-scale updates, GAN head (Yin et al. 2024)
   emd             EM distillation: Langevin E-step on (ε, z) with noise cancellation (Xie et al. 2024)
   add             adversarial diffusion distillation: forward-noised data, discriminator + score distillation (Sauer et al. 2023)
+  lcm             latent consistency distillation: skip-step CFG teacher solve, EMA target network (Luo et al. 2023)
 """
-from methods import add, dmd2, emd, imagine_flash, step_distill
+from methods import add, dmd2, emd, imagine_flash, lcm, step_distill
 
-METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd, "add": add, "step_distill": step_distill}
+METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd, "add": add, "step_distill": step_distill, "lcm": lcm}

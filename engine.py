@@ -221,25 +221,6 @@ def validate_common(cfg) -> None:
             raise ValueError(message)
 
 
-def preset_help(argv, presets: dict, default: str = "toy") -> dict:
-    """{field: " (<preset>: <value>)"}: `--help` shows the values of the preset on the command line (--preset X
-    before or after --help), which flags override. An unknown preset gets no suffixes (parse_args names it)."""
-    import argparse
-    import dataclasses
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default=default)
-    name = pre.parse_known_args(argv)[0].preset
-    if name not in presets:
-        return {}
-    cfg = presets[name]
-
-    def show(v):
-        if isinstance(v, tuple) and v and isinstance(v[0], tuple):  # the γ table, as the flag takes it
-            return ",".join(":".join(map(str, pair)) for pair in v)
-        return ",".join(map(str, v)) if isinstance(v, tuple) else repr(v) if v == "" else str(v)
-    return {f.name: f" ({name} preset: {show(getattr(cfg, f.name))})".replace("%", "%%") for f in dataclasses.fields(cfg)}
-
-
 def data_line(spec: str, source, latent_shape: tuple, downscale: int) -> str:
     """The run's data in one line: how many images (or prompts) were found, image and latent size, latent cache."""
     kind = "images" if source.has_images else "prompts (no images)"

@@ -26,6 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import engine
+from engine import arg
 from conditioning import LabelEncoder, TextEncoder
 from data import TOY_CLASSES, Source
 from pipeline import encode_prompts, save_pipeline
@@ -35,29 +36,30 @@ from unet import CONFIGS, UNet
 
 @dataclass
 class TrainConfig:
-    unet: str = "toy"  # a name in unet.CONFIGS or a path to a diffusers config.json
-    schedule: str = "scaled_linear"  # β kind (schedule.py); the toy uses SD's, see README
-    data: str = "toy"  # "toy" | "cifar10:<root>" | image–caption folder (needs text_encoder)
-    text_encoder: str = ""  # a frozen transformers text encoder (folder or hub id) for caption data
-    image_size: int = 0  # pixels; 0: the U-Net config's sample_size
-    out: str = "runs/toy/teacher"
-    steps: int = 2500
-    global_batch: int = 128
-    micro_batch: int = 128
-    lr: float = 1e-3
-    warmup: int = 100
-    cond_drop: float = 0.1  # probability of training on the null condition (CFG)
-    ema_decay: float = 0.999
-    label_seed: int = 0  # the toy label encoder's table
-    seed: int = 0
-    toy_size: int = 16
-    toy_images: int = 20000
-    log_every: int = 100
-    ckpt_every: int = 500
-    resume: str = ""
-    overwrite: bool = False  # replace a run already in --out (without it, a new run there is refused)
-    device: str = "auto"
-    bf16: bool = False
+    unet: str = arg("toy", "U-Net config name (unet.CONFIGS) or a diffusers config.json")
+    schedule: str = arg("scaled_linear", "β schedule: linear | scaled_linear | cosine (the toy uses SD's, see README)")
+    data: str = arg("toy", "toy | cifar10:<root> | image–caption folder (needs --text-encoder)")
+    text_encoder: str = arg("", "frozen transformers text encoder (folder, hub id, or a diffusers folder with "
+                                "text_encoder/ + tokenizer/) for caption data; copied into the teacher")
+    image_size: int = arg(0, "image size in pixels (0: the U-Net config's sample_size)")
+    out: str = arg("runs/toy/teacher", "output folder (the teacher pipeline)")
+    steps: int = arg(2500, "training iterations")
+    global_batch: int = arg(128, "samples per iteration over all processes")
+    micro_batch: int = arg(128, "samples per forward per process")
+    lr: float = arg(1e-3, "Adam learning rate")
+    warmup: int = arg(100, "linear warm-up steps")
+    cond_drop: float = arg(0.1, "probability of training on the null condition (CFG)")
+    ema_decay: float = arg(0.999, "EMA decay")
+    label_seed: int = arg(0, "seed of the toy label-embedding table")
+    seed: int = arg(0, "random seed")
+    toy_size: int = arg(16, "toy image size")
+    toy_images: int = arg(20000, "toy dataset size")
+    log_every: int = arg(100, "log line every N steps")
+    ckpt_every: int = arg(500, "checkpoint every N steps")
+    resume: str = arg("", "checkpoint to resume, or 'auto'")
+    overwrite: bool = arg(False, "replace the run already in --out (its checkpoint and log are removed)")
+    device: str = arg("auto", "auto | cpu | cuda")
+    bf16: bool = arg(False, "bf16 autocast on CUDA")
 
 
 TRAIN_PRESETS = {
@@ -124,35 +126,17 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, str]:
-    p = argparse.ArgumentParser(description="Pretrain a diffusion teacher (ε-prediction, CFG dropout, EMA). "
-                                            "Flags override the preset.")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="toy")
+    name = pre.parse_known_args(argv)[0].preset
+    base = TRAIN_PRESETS.get(name)
+    p = engine.config_parser("Pretrain a diffusion teacher (ε-prediction, CFG dropout, EMA). Flags override the preset.",
+                             base or TRAIN_PRESETS["toy"], name if base else "toy")
     p.add_argument("--preset", default="toy", help=f"one of {', '.join(TRAIN_PRESETS)} (default: toy)")
-    helps = {"unet": "U-Net config name or config.json", "schedule": "β schedule: linear | scaled_linear | cosine",
-             "data": "toy | cifar10:<root> | image–caption folder", "out": "output folder (the teacher pipeline)",
-             "text_encoder": "frozen transformers text encoder (folder or hub id) for caption data; copied into the teacher",
-             "image_size": "image size in pixels (0: the U-Net config's sample_size)",
-             "steps": "training iterations", "global_batch": "samples per iteration over all processes",
-             "micro_batch": "samples per forward per process", "lr": "Adam learning rate", "warmup": "linear warm-up steps",
-             "cond_drop": "condition dropout probability (CFG)", "ema_decay": "EMA decay",
-             "label_seed": "seed of the toy label-embedding table", "seed": "random seed", "toy_size": "toy image size",
-             "toy_images": "toy dataset size", "log_every": "log line every N steps", "ckpt_every": "checkpoint every N steps",
-             "resume": "checkpoint to resume, or 'auto'",
-             "overwrite": "replace the run already in --out (its checkpoint and log are removed)", "device": "auto | cpu | cuda", "bf16": "bf16 autocast on CUDA"}
-    shown = engine.preset_help(argv, TRAIN_PRESETS)  # --help: the preset's value of each flag
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name] + shown.get(f.name, ""))
-        else:
-            p.add_argument(flag, dest=f.name, default=None, type=f.type if f.type in (int, float) else str, help=helps[f.name] + shown.get(f.name, ""))
     args = p.parse_args(argv)
-    if args.preset not in TRAIN_PRESETS:
-        p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
-    cfg = copy.deepcopy(TRAIN_PRESETS[args.preset])
-    for f in dataclasses.fields(TrainConfig):
-        if getattr(args, f.name) is not None:
-            setattr(cfg, f.name, getattr(args, f.name))
-    return cfg, args.preset
+    if base is None:
+        p.error(f"unknown preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+    return engine.read_config(p, args, base), name
 
 
 def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:

@@ -5,8 +5,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
 DEMO   ?= runs/demo
+METHODS ?= imagine_flash,dmd2,emd
 
-.PHONY: setup demo test clean
+.PHONY: setup demo compare test clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,11 @@ demo: setup
 	$(PY) distill.py --preset toy --teacher $(DEMO)/teacher --out $(DEMO)/distill --resume auto
 	$(PY) evaluate.py --teacher $(DEMO)/teacher --student $(DEMO)/distill/student --out $(DEMO)/eval
 	@echo "demo outputs: $(DEMO)/eval/grid.png and $(DEMO)/eval/results.md"
+
+# Every method on the demo's teacher, 3 seeds each, the same wall-time budget (README, "Methods compared").
+compare: setup
+	$(PY) train.py --preset toy --out $(DEMO)/teacher --resume auto
+	$(PY) compare.py --teacher $(DEMO)/teacher --out runs/compare --methods $(METHODS)
 
 test: setup
 	$(PY) -m pytest

@@ -33,16 +33,18 @@ from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_sample, 
 
 def methods(cfg_scale: float, spec: dict) -> list[dict]:
     """The rows: who samples, with which sampler, timesteps, guidance and noise correction. A student samples
-    with its own sampler (`spec`, from its pipeline.json) at n = 1 … len(timesteps) steps: the first n."""
+    with its own sampler (`spec`, from its pipeline.json) at n = 1 … len(timesteps) steps, the first n (or at the
+    spec's "n_steps" only)."""
     rows = [dict(name="teacher DPM++ 25 steps", model="teacher", solver="dpm++", timesteps=linspace(25), cfg=cfg_scale),
             *[dict(name=f"teacher DDIM {n} step{'s' if n > 1 else ''}", model="teacher", solver="ddim",
                    timesteps=trailing(n), cfg=cfg_scale) for n in (1, 2, 3)]]
     ts = list(spec["timesteps"])
-    for n in range(1, len(ts) + 1):
+    counts = spec.get("n_steps") or range(1, len(ts) + 1)  # a student may be valid at its whole grid only
+    for n in counts:
         rows.append(dict(name=f"student {n} step{'s' if n > 1 else ''}", model="student", solver="student",
                          timesteps=ts[:n], cfg=1.0, spec=spec))
     if spec.get("kind", "ddim") == "ddim" and spec.get("noise_correction", True):
-        for n in range(2, len(ts) + 1):
+        for n in (n for n in counts if n > 1):
             rows.append(dict(name=f"student {n} steps w/o NC", model="student", solver="student", timesteps=ts[:n],
                              cfg=1.0, spec={**spec, "noise_correction": False}))
     return rows

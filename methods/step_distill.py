@@ -228,11 +228,11 @@ class StepDistill(Distiller):
     def sampler_spec(self) -> dict:
         # Plain DDIM over the N-step trailing grid of the student as it is now: the N its last iteration trained
         # it for (final_steps after the last round; start_steps after stage 1 alone or before any step).
-        # evaluate.py rows "student n steps" take the FIRST n of these timesteps: for this method only n = N is a
-        # sampler it was trained for; n < N stops after n of its big steps and returns that step's x̂_0, which
-        # was trained as x̃ (the point that makes one DDIM step land on the teacher's x_t″), not as a clean image.
+        # "n_steps": [N]: only the whole N-step grid is a sampler this student was trained for (a prefix of it stops
+        # after n big steps and returns that step's x̂_0, which was trained as x̃, the point that makes one DDIM step
+        # land on the teacher's x_t″, not as a clean image); evaluate.py makes rows for these step counts only.
         n = phase_of(self.cfg, max(self.step - 1, 0)).student_steps
-        return {"kind": "ddim", "timesteps": student_grid(n), "noise_correction": False, "first_t": 999}
+        return {"kind": "ddim", "timesteps": student_grid(n), "noise_correction": False, "first_t": 999, "n_steps": [n]}
 
     def state(self) -> tuple[dict, dict]:
         modules, optimizers = super().state()

@@ -226,7 +226,7 @@ def test_exported_sampler_is_the_current_rounds_n(teacher, tmp_path):
     spec = lambda step: (setattr(d, "step", step), d.sampler_spec())[1]  # noqa: E731
     assert spec(0)["timesteps"] == trailing(8) and spec(1)["timesteps"] == trailing(8)  # nothing / stage 1 trained
     assert spec(3)["timesteps"] == trailing(4) and spec(4)["timesteps"] == trailing(2)
-    assert spec(7) == {"kind": "ddim", "timesteps": [999], "noise_correction": False, "first_t": 999}
+    assert spec(7) == {"kind": "ddim", "timesteps": [999], "noise_correction": False, "first_t": 999, "n_steps": [1]}
     assert d.cfg.timesteps == (999,)  # derived: the final grid
 
 
@@ -314,7 +314,9 @@ def test_cli_smoke_run(teacher, tmp_path):
     spec = json.loads((out / "student/pipeline.json").read_text())["sampler"]
     # 3 steps: stage 1 and round 0 (8 → 4) done: the student is a 4-step one
     assert spec == {"method": "step_distill", "kind": "ddim", "timesteps": trailing(4), "noise_correction": False,
-                    "first_t": 999}
+                    "first_t": 999, "n_steps": [4]}
+    from evaluate import methods  # evaluate.py makes a row for the whole 4-step grid only
+    assert [r["name"] for r in methods(2.0, spec) if r["model"] == "student"] == ["student 4 steps"]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["n"] for r in logs] == [8, 4, 4] and all(r["distill"] > 0 for r in logs)
     student, state = load_pipeline(str(out / "student")), load_file(str(out / "state.safetensors"))

@@ -31,7 +31,9 @@ def distill_once(args, method: str, seed: int, out: str, device) -> float:
     """Distil (or finish distilling) one student; returns its wall time in seconds (distill.py's wall.json, summed
     over the invocations of a resumed run)."""
     if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
-        budget = ["--steps", "1000000", "--time-budget", str(args.minutes)] if args.minutes > 0 else []
+        budget = ["--time-budget", str(args.minutes)] if args.minutes > 0 else []
+        if budget and not getattr(METHODS[method], "FIXED_STEPS", False):  # the budget, not the preset, sets the length
+            budget += ["--steps", "1000000"]
         cfg, preset = distill.parse_args(["--method", method, "--preset", args.preset, "--teacher", args.teacher,
                                           "--out", out, "--seed", str(seed), "--resume", "auto", *budget,
                                           *args.distill_args])

@@ -48,6 +48,10 @@ from schedule import VPSchedule
 # --------------------------------------------------------------------------------------------------
 # config and presets
 # --------------------------------------------------------------------------------------------------
+# The schedule (stage 1, then rounds) fixes the run's length: compare.py gives this method the same time budget as the
+# others but keeps its preset's --steps (a longer --steps is refused).
+FIXED_STEPS = True
+
 @dataclass
 class Config(RunConfig):
     cfg_scale: float = arg(2.0, "the teacher's fixed guidance scale w that stage 1 folds into the student (no w input)")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 import distill
 import engine
-from evaluate import evaluate, save_grid_picture, write_table
+from evaluate import evaluate, save_grid_picture
 from methods import METHODS
 
 METRICS = ("toy_fd", "label_acc", "fid", "clip", "saturation", "sec_per_image")

@@ -18,3 +18,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """The tiny random teacher pipeline (tests/toyteacher.py), written once per session."""
+    from toyteacher import make_teacher
+    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
+
+
+@pytest.fixture(scope="session")
+def pipe(teacher):
+    from pipeline import load_pipeline
+    return load_pipeline(teacher)

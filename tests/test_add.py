@@ -16,14 +16,10 @@ import distill
 import engine
 from methods import add, common
 from pipeline import load_pipeline
-from toyteacher import SIZE, make_dinov2, make_teacher, tiny_unet
+from toyteacher import SIZE, gen, make_dinov2, same, snapshot, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def add_args(teacher: str, out: str, *extra: str) -> list[str]:
@@ -33,27 +29,9 @@ def add_args(teacher: str, out: str, *extra: str) -> list[str]:
             "--log-every", "1", "--device", "cpu", *extra]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
-
-
-@pytest.fixture(scope="module")
-def pipe(teacher):
-    return load_pipeline(teacher)
-
-
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(add_args(teacher, str(out), *extra))
     return distill.build(cfg, engine.Dist())
-
-
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def step_with(cfg, s: int) -> int:

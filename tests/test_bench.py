@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import bench
-import distill
 from methods import imagine_flash
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,24 +6,14 @@ import torch
 import torch.nn as nn
 
 import distill
-from methods import imagine_flash
 import engine
 from discriminator import (ProjectedDiscriminator, TokenHead, UNetDiscriminator, d_hinge_loss, g_hinge_loss,
                            r1_penalty)
 from pipeline import load_pipeline
-from toyteacher import make_dinov2, make_teacher, tiny_args, tiny_encoder, tiny_unet
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from toyteacher import gen, make_dinov2, snapshot, tiny_args, tiny_encoder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +140,6 @@ def test_projected_from_pretrained_folder(vit_folder):
 # --------------------------------------------------------------------------------------------------
 # short distillation runs with each discriminator
 # --------------------------------------------------------------------------------------------------
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def test_projected_disc_distillation_offline(teacher, vit_folder, tmp_path):
     # --recon none: the student learns from the adversarial term alone, so it can only move if the
     # generator's gradient crosses the frozen ViT

@@ -18,40 +18,18 @@ import distill
 from methods import imagine_flash
 import engine
 from pipeline import load_pipeline
-from toyteacher import make_teacher, tiny_args, tiny_unet
+from toyteacher import env1, gen, same, snapshot, tiny_args, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_GAMMA = ((900, 990), (500, 950), (-1, 200))
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
-
-
-@pytest.fixture(scope="module")
-def pipe(teacher):
-    return load_pipeline(teacher)
 
 
 def build(teacher, out, *extra) :
     cfg, _ = distill.parse_args(tiny_args(teacher, str(out), *extra))
     return distill.build(cfg, engine.Dist())
-
-
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def step_with_t(cfg, t: int) -> int:
@@ -560,10 +538,6 @@ def test_corrupt_checkpoint_is_one_line_and_untouched(teacher, tmp_path, capsys)
 # --------------------------------------------------------------------------------------------------
 # 6–7. the command line: a smoke run, bad inputs, and torchrun with 2 processes
 # --------------------------------------------------------------------------------------------------
-def env1():
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-
-
 DDP_ARGS = ("--steps", "2", "--lr", "1e-4", "--lr-disc", "1e-4", "--ckpt-every", "2")
 
 

@@ -19,14 +19,10 @@ from gmm import GaussianMixture
 from methods import common, dmd2
 from pipeline import load_pipeline
 from schedule import VPSchedule
-from toyteacher import SIZE, make_teacher, tiny_unet
+from toyteacher import SIZE, env1, gen, same, snapshot, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def dmd2_args(teacher: str, out: str, *extra: str) -> list[str]:
@@ -36,27 +32,9 @@ def dmd2_args(teacher: str, out: str, *extra: str) -> list[str]:
             "--log-every", "1", "--device", "cpu", *extra]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
-
-
-@pytest.fixture(scope="module")
-def pipe(teacher):
-    return load_pipeline(teacher)
-
-
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(dmd2_args(teacher, str(out), *extra))
     return distill.build(cfg, engine.Dist())
-
-
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def alpha_sigma(schedule, t: int) -> tuple[float, float]:
@@ -362,10 +340,6 @@ def test_resume_is_bit_identical(teacher, tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # θ stepped at 0 and 3, across the resume at 2
         assert torch.equal(a[k], b[k]), k
-
-
-def env1():
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
 
 
 DDP_ARGS = ("--steps", "2", "--ratio", "1", "--lr", "1e-4", "--lr-fake", "1e-4", "--gan-weight", "0.1",

@@ -16,14 +16,10 @@ import engine
 from methods import common, emd
 from pipeline import load_pipeline
 from sampler import eps_fn_for, student_sample
-from toyteacher import SIZE, make_teacher, tiny_unet
+from toyteacher import SIZE, gen, same, snapshot, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def emd_args(teacher: str, out: str, *extra: str) -> list[str]:
@@ -33,27 +29,9 @@ def emd_args(teacher: str, out: str, *extra: str) -> list[str]:
             "--langevin-steps", "2", *extra]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
-
-
-@pytest.fixture(scope="module")
-def pipe(teacher):
-    return load_pipeline(teacher)
-
-
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(emd_args(teacher, out, *extra))
     return distill.build(cfg, engine.Dist())
-
-
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def alpha_sigma(schedule, t: int) -> tuple[float, float]:

@@ -18,14 +18,10 @@ import engine
 from methods import lcm
 from pipeline import load_pipeline
 from sampler import student_sample
-from toyteacher import SIZE, make_teacher, tiny_unet
+from toyteacher import SIZE, gen, same, snapshot, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def lcm_args(teacher: str, out: str, *extra: str) -> list[str]:
@@ -35,27 +31,9 @@ def lcm_args(teacher: str, out: str, *extra: str) -> list[str]:
             *extra]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
-
-
-@pytest.fixture(scope="module")
-def pipe(teacher):
-    return load_pipeline(teacher)
-
-
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(lcm_args(teacher, str(out), *extra))
     return distill.build(cfg, engine.Dist())
-
-
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def alpha_sigma(schedule, t: int) -> tuple[float, float]:

@@ -6,10 +6,7 @@ from gmm import GaussianMixture
 from sampler import (ddim_step, eps_fn_for, guided_eps, linspace, sample, sample_dpmpp, student_timesteps, trailing,
                      uniform)
 from schedule import VPSchedule
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from toyteacher import gen
 
 
 @pytest.fixture(scope="module")

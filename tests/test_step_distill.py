@@ -18,14 +18,10 @@ import engine
 from methods import step_distill as sd
 from pipeline import load_pipeline
 from sampler import sample, student_sample, trailing
-from toyteacher import SIZE, make_teacher, tiny_unet
+from toyteacher import SIZE, env1, gen, same, snapshot, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def sd_args(teacher: str, out: str, *extra: str) -> list[str]:
@@ -35,27 +31,9 @@ def sd_args(teacher: str, out: str, *extra: str) -> list[str]:
             "--stage1-steps", "1", "--start-steps", "8", "--final-steps", "1", "--steps-per-round", "2", *extra]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
-
-
-@pytest.fixture(scope="module")
-def pipe(teacher):
-    return load_pipeline(teacher)
-
-
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(sd_args(teacher, str(out), *extra))
     return distill.build(cfg, engine.Dist())
-
-
-def snapshot(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def alpha_sigma(schedule, t: int) -> tuple[float, float]:
@@ -296,10 +274,6 @@ def test_resume_mid_round_is_bit_identical(teacher, tmp_path, monkeypatch):
     distill.main(sd_args(teacher, str(other), "--steps", "4", "--ckpt-every", "4", "--resume", "auto", *args))
     c, _ = engine.read_state(str(other / "state.safetensors"))
     assert any(not torch.equal(a["student." + k], c["student." + k]) for k in keys)
-
-
-def env1():
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
 
 
 def test_cli_smoke_run(teacher, tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 import data
 import distill
-from methods import imagine_flash
+from toyteacher import env1
 import engine
 import train
 from autoencoder import AutoencoderKL, fingerprint
@@ -54,10 +54,6 @@ def t2i_args(teacher, data_, out, *extra) -> list[str]:
     """The t2i preset as is (CFG 7.5, paper γ, k = 8, U-Net discriminator, grad checkpointing), at toy batch."""
     return ["--preset", "t2i", "--teacher", str(teacher), "--data", str(data_), "--out", str(out), "--global-batch", "2",
             "--micro-batch", "2", "--log-every", "1", "--ckpt-every", "1", "--device", "cpu", *extra]
-
-
-def env1():
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
 
 
 def free_port() -> int:
@@ -112,9 +108,10 @@ def test_torchrun_two_processes_then_resume(ddp_run, sd, captions):
                                                             teacher.unet.state_dict().values()))
     assert moved > 0  # training happened
     # the sharded cache (each rank encoded every other image) holds the folder's images in order
-    key = {"vae": fingerprint(teacher.autoencoder), "size": str(IMAGE_SIZE), "n": "8"}
-    latents, caps = data.read_latents(str(cache), key)
     folder = data.CaptionFolder(captions, size=IMAGE_SIZE)
+    key = {"vae": fingerprint(teacher.autoencoder), "size": str(IMAGE_SIZE), "n": "8",
+           "images": folder.image_fingerprint()}
+    latents, caps = data.read_latents(str(cache), key)
     with torch.no_grad():
         direct = teacher.autoencoder.encode(torch.stack([folder[i][0] for i in range(len(folder))]))
     assert latents.dtype == torch.float16 and latents.shape == (8, 4, 8, 8)

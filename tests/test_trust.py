@@ -18,11 +18,6 @@ from toyteacher import TINY, make_teacher, tiny_args
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(str(tmp_path_factory.mktemp("teacher")))
-
-
 def fast(teacher, out, *extra):
     """One-second toy runs: no discriminator, k = 2 teacher steps in the target."""
     return tiny_args(teacher, str(out), "--disc", "none", "--k", "2", *extra)

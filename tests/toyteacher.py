@@ -48,3 +48,22 @@ def tiny_args(teacher: str, out: str, *extra: str) -> list[str]:
     timesteps: the method as written, not the demo's choices)."""
     return ["--preset", "toy", "--recon", "srl", "--timesteps", "999,750,500", "--teacher", teacher, "--out", out, "--toy-size", str(SIZE), "--toy-images", "64",
             "--global-batch", "4", "--micro-batch", "4", "--log-every", "1", "--device", "cpu", *extra]
+
+
+# --- small helpers the method tests share --------------------------------------------------------------
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def env1() -> dict:
+    """The environment of a test's subprocess: one thread, offline, the project importable."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=root)

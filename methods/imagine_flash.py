@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import record_function
 
 import engine
 from discriminator import (ProjectedDiscriminator, UNetDiscriminator, d_hinge_loss, g_hinge_loss, noise_pair,
@@ -193,16 +194,19 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> 
 def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, null_cond, x0_real, eps_prime,
                    s, eps_real, eps_fake, decode=None) -> tuple[dict, torch.Tensor]:
     """Steps 3–5 for one micro-batch: ({term: (B,)}, x̂_0^Θ). The loop weights and reduces."""
-    x0_hat = student_x0(student, schedule, x_t, t, cond, cfg.first_t)  # step 3 (Eq. 5), with gradient
+    with record_function("student_forward"):  # phase labels: bench.py reads them from a torch.profiler run
+        x0_hat = student_x0(student, schedule, x_t, t, cond, cfg.first_t)  # step 3 (Eq. 5), with gradient
     terms = {}
     if cfg.recon != "none":
-        if cfg.recon == "srl":
-            target = srl_target(teacher, schedule, x0_hat, eps_prime, t, cfg.gamma, cfg.k, cond, null_cond, cfg.cfg_scale)
-        else:
-            target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
+        with record_function("teacher_target"):
+            if cfg.recon == "srl":
+                target = srl_target(teacher, schedule, x0_hat, eps_prime, t, cfg.gamma, cfg.k, cond, null_cond, cfg.cfg_scale)
+            else:
+                target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
         terms["recon"] = reconstruction_loss(x0_hat, target, recon_weight(cfg.recon_weight, schedule, t))
     if disc is not None:
-        terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond, decode))
+        with record_function("g_adversarial"):
+            terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond, decode))
     return terms, x0_hat
 
 
@@ -315,17 +319,19 @@ class ImagineFlash(Distiller):
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
             cond, null_cond, x0_real = self.conditions(d["idx"])
             with engine.autocast(self.dist, cfg.bf16):
-                if cfg.backward:  # step 2
-                    x_t = backward_rollout(engine.unwrap(self.student_ddp), self.schedule, d["x_T"], cond, t,
-                                           cfg.timesteps, cfg.noise_correction, first_t=cfg.first_t)
-                else:
-                    x_t = forward_noising(self.schedule, x0_real, d["eps"], t)
+                with record_function("rollout"):
+                    if cfg.backward:  # step 2
+                        x_t = backward_rollout(engine.unwrap(self.student_ddp), self.schedule, d["x_T"], cond, t,
+                                               cfg.timesteps, cfg.noise_correction, first_t=cfg.first_t)
+                    else:
+                        x_t = forward_noising(self.schedule, x0_real, d["eps"], t)
                 with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
                     terms, x0_hat = student_losses(cfg, self.student_ddp, self.teacher_fn, self.disc, self.schedule,
                                                    x_t, t, cond, null_cond, x0_real, d["eps_prime"], d["s"],
                                                    d["eps_real"], d["eps_fake"], decode)
                     loss = terms.get("recon", 0) + cfg.lambda_adv * terms.get("adv_g", 0)  # step 6
-                    (loss.mean() / self.accum).backward()
+                    with record_function("generator_backward"):
+                        (loss.mean() / self.accum).backward()
             fakes.append((x0_hat.detach(), x0_real, d, cond))
             for k, v in terms.items():
                 logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum
@@ -338,13 +344,16 @@ class ImagineFlash(Distiller):
                 self.disc.vit.requires_grad_(False)
             for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
                 with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), engine.autocast(self.dist, cfg.bf16):
-                    dterms = disc_loss(cfg, self.disc_ddp, self.schedule, x0_real, x0_fake, d["s"], d["eps_real"],
-                                       d["eps_fake"], cond, decode)
-                    (sum(v.mean() for v in dterms.values()) / self.accum).backward()
+                    with record_function("disc_forward"):
+                        dterms = disc_loss(cfg, self.disc_ddp, self.schedule, x0_real, x0_fake, d["s"], d["eps_real"],
+                                           d["eps_fake"], cond, decode)
+                    with record_function("disc_backward"):
+                        (sum(v.mean() for v in dterms.values()) / self.accum).backward()
                 for k, v in dterms.items():
                     logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum
-            self.opt_d.step()
-            self.opt_d.zero_grad(set_to_none=True)
+            with record_function("adam_disc"):
+                self.opt_d.step()
+                self.opt_d.zero_grad(set_to_none=True)
         self.step += 1
         logs["t"] = t
         return logs

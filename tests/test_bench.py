@@ -71,10 +71,14 @@ def test_unet_rows_compare_the_same_weights(quick):
 def test_distill_breakdown_adds_up(quick):
     tables = json.loads((quick[1] / "bench_results.json").read_text())["sections"]["distill"]
     rows = tables[0]["rows"]
-    assert [r["piece"] for r in rows] == [label for _, label in bench.PIECES] + ["total train_step"]
+    assert [r["piece"] for r in rows] == list(bench.PHASES.values())  # the labelled phases, then "total train_step"
     total = rows[-1]
-    assert sum(r["mean ms"] for r in rows[:-1]) == pytest.approx(total["mean ms"], rel=1e-6)
+    for col in [c for c in tables[0]["columns"] if c.endswith(" ms") and c != "self CPU ms"]:  # per t, and the mean
+        assert sum(r[col] for r in rows[:-1]) == pytest.approx(total[col], rel=1e-6), col
     assert total["share %"] == pytest.approx(100)
+    assert all(r["mean ms"] > 0 for r in rows if r["piece"] != "data, conditions, logging, other")  # every label ran
+    through_d = next(r for r in rows if r["piece"] == "G adversarial: backward through D")
+    assert through_d["mean ms"] > 0  # D's autograd nodes are found in the generator's backward (by sequence number)
     last = imagine_flash.PRESETS["toy"].timesteps[-1]
     assert rows[0]["t=999 ms"] < rows[0][f"t={last} ms"]  # no rollout at t = T; two student steps at the last t
     switches = tables[-1]
@@ -87,6 +91,24 @@ def test_distill_breakdown_adds_up(quick):
         assert 0 < on["saved-for-backward MB"] < off["saved-for-backward MB"]
         assert on["vs default"] == pytest.approx(on["saved-for-backward MB"] / off["saved-for-backward MB"])
         assert on["ms"] > 0 and off["ms"] > 0
+
+
+def test_phase_times_split_the_backward_by_the_forward_that_made_it():
+    from torch.profiler import profile, record_function
+    student = torch.nn.Linear(64, 64)
+    with profile() as prof, record_function("train_step"):
+        with record_function("student_forward"):
+            x0 = student(torch.randn(32, 64))
+        with record_function("g_adversarial"):  # a "discriminator" of ops that only it uses
+            adv = torch.tanh(x0).sigmoid().sum()
+        with record_function("generator_backward"):
+            (adv + x0.square().mean()).backward()
+    ms = bench.phase_times(prof)
+    by_hand = sum(e.cpu_time_total for e in prof.events() if e.name.startswith(bench.EVAL)
+                  and e.name.split()[-1] in ("TanhBackward0", "SigmoidBackward0", "SumBackward0")) / 1e3
+    assert ms["through_d"][0] == pytest.approx(by_hand) and by_hand > 0
+    assert ms["student_backward"][0] > 0 and ms["ranges"] == 3
+    assert sum(v[0] for k, v in ms.items() if k not in ("train_step", "ranges")) == pytest.approx(ms["train_step"][0])
 
 
 def alive_after_forward_mb(model, x, t, cond) -> float:

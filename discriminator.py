@@ -20,10 +20,12 @@ Losses (per sample, the loop reduces):
 """
 import copy
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 # --------------------------------------------------------------------------------------------------
@@ -43,6 +45,38 @@ def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
     """‖∇_x D(x)‖² per sample on real inputs (x_real must require grad); (B,)."""
     (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
     return grad.pow(2).flatten(1).sum(1)
+
+
+def disc_logits(disc, schedule, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, cond, decode=None) -> torch.Tensor:
+    """D(x̂_0), per sample. Each discriminator prepares its own input, so a training loop never branches on the kind:
+    the U-Net discriminator sees x̂_0 noised to s (a diffusion GAN, Eq. 1), the projected one sees pixels
+    (decode: latents → pixels; None in pixel space). `disc` may be wrapped in DDP."""
+    if getattr(disc, "module", disc).noised:
+        return disc(schedule.q_sample(x0, eps, s), s, cond)
+    return disc(decode(x0) if decode is not None else x0, None, cond)
+
+
+def disc_loss(disc, schedule, x0_real: torch.Tensor, x0_fake: torch.Tensor, s, eps_real, eps_fake, cond, decode=None,
+              r1: float = 0.0) -> dict:
+    """The discriminator's step: per-sample hinge loss on real data vs DETACHED generator samples (+ R1 on real
+    inputs when r1 > 0), real and fake prepared as disc_logits does, in one batched forward."""
+    x0_fake = x0_fake.detach()  # stop-gradient: the D step must not reach back into the generator
+    if r1 > 0:
+        x0_real = x0_real.detach().requires_grad_(True)
+    both = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+    # R1 backpropagates through ∇_x D (create_graph): only the math attention kernel has that double backward
+    with sdpa_kernel(SDPBackend.MATH) if r1 > 0 else nullcontext():
+        if getattr(disc, "module", disc).noised:  # real and fake noised to the same s
+            x_real, x_fake = noise_pair(schedule, x0_real, x0_fake, s, eps_real, eps_fake)
+            logits = disc(torch.cat([x_real, x_fake]), both(s), both(cond))
+        else:
+            px = (lambda x: x) if decode is None else decode
+            logits = disc(torch.cat([px(x0_real), px(x0_fake)]), None, both(cond))
+        logits_real, logits_fake = logits.chunk(2)
+        terms = {"d": d_hinge_loss(logits_real, logits_fake)}
+        if r1 > 0:
+            terms["r1"] = r1 * r1_penalty(logits_real, x0_real)
+    return terms
 
 
 def noise_pair(schedule, x_real: torch.Tensor, x_fake: torch.Tensor, s: torch.Tensor, eps_real: torch.Tensor,
@@ -69,6 +103,8 @@ class ConvHead(nn.Module):
 
 class UNetDiscriminator(nn.Module):
     """D(x_s, s, c): the teacher's encoder (copied, trainable) + a ConvHead per feature scale, summed."""
+
+    noised = True  # disc_logits / disc_loss noise x̂_0 to s before D sees it
 
     def __init__(self, teacher_unet: nn.Module, hidden: int = 64):
         super().__init__()
@@ -113,6 +149,8 @@ class ProjectedDiscriminator(nn.Module):
 
     Input: images in [−1, 1], any size: resized to the ViT's image size and ImageNet-normalised.
     The condition (B, L, D) is mean-pooled over tokens and projected into every head."""
+
+    noised = False  # disc_logits / disc_loss show it (decoded) clean images
 
     def __init__(self, vit: nn.Module, layers: tuple[int, ...] | None = None, cond_dim: int | None = None,
                  image_size: int | None = None, hidden: int = 64):

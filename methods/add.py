@@ -17,15 +17,12 @@ Inference: the re-noising sampler over the student's timesteps (x̂_0, then fres
 
     python distill.py --method add --preset toy --teacher runs/demo/teacher
 """
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import engine
-from discriminator import (ProjectedDiscriminator, UNetDiscriminator, d_hinge_loss, g_hinge_loss, noise_pair,
-                           r1_penalty)
+from discriminator import ProjectedDiscriminator, UNetDiscriminator, disc_logits, disc_loss, g_hinge_loss
 from engine import arg
 from methods.common import Distiller, RunConfig, draw_timestep, student_x0
 from sampler import guided_eps
@@ -108,33 +105,6 @@ def distill_loss(schedule: VPSchedule, x0_hat: torch.Tensor, target: torch.Tenso
     # ADD Eq. 4: L_distill = c(t) d(x̂_θ, sg(target)), d = squared L2 (mean over pixels), one value per sample (B,)
     target = target.detach()  # stop-gradient: the teacher's x̂_0 is a constant (already no graph: said again here)
     return distill_weight(schedule, t).to(x0_hat.device) * (x0_hat - target).pow(2).flatten(1).mean(1)
-
-
-def disc_logits(cfg: Config, disc, schedule: VPSchedule, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, cond,
-                decode) -> torch.Tensor:
-    """D(x̂_0): the U-Net discriminator on x̂_0 noised to s (diffusion GAN, LADD); the projected one on pixels."""
-    if cfg.disc == "unet":
-        return disc(schedule.q_sample(x0, eps, s), s, cond)
-    return disc(decode(x0), None, cond)
-
-
-def disc_loss(cfg: Config, disc, schedule: VPSchedule, x0_real, x0_fake, s, eps_real, eps_fake, cond, decode) -> dict:
-    # ADD Eq. 3: the discriminator's hinge loss on real images vs the student's samples (+ R1 on real inputs), (B,)
-    x0_fake = x0_fake.detach()  # stop-gradient: the D step never reaches the student
-    if cfg.r1 > 0:
-        x0_real = x0_real.detach().requires_grad_(True)
-    cond2 = None if cond is None else torch.cat([cond, cond])
-    # R1 backpropagates through ∇_x D (create_graph): only the math attention kernel has that double backward
-    with sdpa_kernel(SDPBackend.MATH) if cfg.r1 > 0 else nullcontext():
-        if cfg.disc == "unet":  # real and fake noised to the same s (Eq. 1)
-            x_real, x_fake = noise_pair(schedule, x0_real, x0_fake, s, eps_real, eps_fake)
-            logits_real, logits_fake = disc(torch.cat([x_real, x_fake]), torch.cat([s, s]), cond2).chunk(2)
-        else:
-            logits_real, logits_fake = disc(torch.cat([decode(x0_real), decode(x0_fake)]), None, cond2).chunk(2)
-        terms = {"d": d_hinge_loss(logits_real, logits_fake)}
-        if cfg.r1 > 0:
-            terms["r1"] = cfg.r1 * r1_penalty(logits_real, x0_real)
-    return terms
 
 
 def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: int) -> dict:
@@ -228,7 +198,7 @@ class ADD(Distiller):
                                             cfg.cfg_scale)  # no graph: sg inside
                     terms["distill"] = distill_loss(sch, x0_hat, target, d["t"])
                 if self.disc is not None:  # step 5, through the frozen D: the gradient reaches the student only
-                    terms["adv_g"] = g_hinge_loss(disc_logits(cfg, self.disc, sch, x0_hat, d["s_disc"], d["eps_fake"],
+                    terms["adv_g"] = g_hinge_loss(disc_logits(self.disc, sch, x0_hat, d["s_disc"], d["eps_fake"],
                                                               cond, self.decode))
                 loss = cfg.lambda_adv * terms.get("adv_g", 0) + cfg.lambda_distill * terms.get("distill", 0)  # step 6
                 (loss.mean() / self.accum).backward()
@@ -242,8 +212,8 @@ class ADD(Distiller):
             self.set_disc_trainable(True)
             for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
                 with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), engine.autocast(self.dist, cfg.bf16):
-                    dterms = disc_loss(cfg, self.disc_ddp, sch, x0_real, x0_fake, d["s_disc"], d["eps_real"],
-                                       d["eps_fake"], cond, self.decode)
+                    dterms = disc_loss(self.disc_ddp, sch, x0_real, x0_fake, d["s_disc"], d["eps_real"],
+                                       d["eps_fake"], cond, self.decode, cfg.r1)
                     (sum(v.mean() for v in dterms.values()) / self.accum).backward()
                 for k, v in dterms.items():
                     logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum

@@ -14,16 +14,13 @@ One iteration (ImagineFlash.train_step), each piece a named function below:
 
     python distill.py --method imagine_flash --preset toy --teacher runs/demo/teacher
 """
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
 import engine
-from discriminator import (ProjectedDiscriminator, UNetDiscriminator, d_hinge_loss, g_hinge_loss, noise_pair,
-                           r1_penalty)
+from discriminator import ProjectedDiscriminator, UNetDiscriminator, disc_logits, disc_loss, g_hinge_loss
 from engine import arg
 from methods.common import Distiller, RunConfig, draw_timestep, student_x0
 from sampler import eps_fn_for, sample, uniform
@@ -206,36 +203,8 @@ def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, 
         terms["recon"] = reconstruction_loss(x0_hat, target, recon_weight(cfg.recon_weight, schedule, t))
     if disc is not None:
         with record_function("g_adversarial"):
-            terms["adv_g"] = g_hinge_loss(disc_logits(cfg, disc, schedule, x0_hat, s, eps_fake, cond, decode))
+            terms["adv_g"] = g_hinge_loss(disc_logits(disc, schedule, x0_hat, s, eps_fake, cond, decode))
     return terms, x0_hat
-
-
-def disc_logits(cfg: Config, disc, schedule, x0, s, eps, cond, decode=None) -> torch.Tensor:
-    """D on (noised, for the U-Net discriminator) inputs; the projected one sees pixels."""
-    if cfg.disc == "unet":
-        return disc(schedule.q_sample(x0, eps, s), s, cond)
-    return disc(decode(x0) if decode is not None else x0, None, cond)
-
-
-def disc_loss(cfg: Config, disc, schedule, x0_real, x0_fake, s, eps_real, eps_fake, cond, decode=None) -> dict:
-    """The discriminator's per-sample hinge loss (and R1) on real data vs DETACHED student samples."""
-    x0_fake = x0_fake.detach()  # the D step must not reach back into the student
-    if cfg.r1 > 0:
-        x0_real = x0_real.detach().requires_grad_(True)
-    # R1 backpropagates through ∇_x D (create_graph): only the math attention kernel has that double backward
-    with sdpa_kernel(SDPBackend.MATH) if cfg.r1 > 0 else nullcontext():
-        if cfg.disc == "unet":
-            x_real, x_fake = noise_pair(schedule, x0_real, x0_fake, s, eps_real, eps_fake)
-            both = disc(torch.cat([x_real, x_fake]), torch.cat([s, s]), None if cond is None else torch.cat([cond, cond]))
-        else:
-            if decode is not None:
-                x0_real, x0_fake = decode(x0_real), decode(x0_fake)
-            both = disc(torch.cat([x0_real, x0_fake]), None, None if cond is None else torch.cat([cond, cond]))
-        logits_real, logits_fake = both.chunk(2)
-        terms = {"d": d_hinge_loss(logits_real, logits_fake)}
-        if cfg.r1 > 0:
-            terms["r1"] = cfg.r1 * r1_penalty(logits_real, x0_real)
-    return terms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,8 +314,8 @@ class ImagineFlash(Distiller):
             for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
                 with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), engine.autocast(self.dist, cfg.bf16):
                     with record_function("disc_forward"):
-                        dterms = disc_loss(cfg, self.disc_ddp, self.schedule, x0_real, x0_fake, d["s"], d["eps_real"],
-                                           d["eps_fake"], cond, decode)
+                        dterms = disc_loss(self.disc_ddp, self.schedule, x0_real, x0_fake, d["s"], d["eps_real"],
+                                           d["eps_fake"], cond, decode, cfg.r1)
                     with record_function("disc_backward"):
                         (sum(v.mean() for v in dterms.values()) / self.accum).backward()
                 for k, v in dterms.items():

@@ -287,7 +287,6 @@ def test_train_step_gradient_ownership(teacher, tmp_path, monkeypatch):
 
 def test_disc_loss_trains_only_the_discriminator(pipe, inputs):
     from discriminator import UNetDiscriminator
-    cfg = imagine_flash.Config(disc="unet", r1=0.5)
     torch.manual_seed(0)
     disc = UNetDiscriminator(pipe.unet)
     opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=1e-3)
@@ -297,7 +296,7 @@ def test_disc_loss_trains_only_the_discriminator(pipe, inputs):
     x0_real = torch.randn(3, 3, 8, 8, generator=gen(5))
     s = torch.tensor([10, 300, 700])
     eps_r, eps_f = torch.randn(3, 3, 8, 8, generator=gen(6)), torch.randn(3, 3, 8, 8, generator=gen(7))
-    terms = imagine_flash.disc_loss(cfg, disc, pipe.schedule, x0_real, x0_fake, s, eps_r, eps_f, cond)
+    terms = imagine_flash.disc_loss(disc, pipe.schedule, x0_real, x0_fake, s, eps_r, eps_f, cond, r1=0.5)
     # the hinge on D(q(x_real, ε_r, s)) and D(q(x_fake, ε_f, s)): same s for both, per sample
     with torch.no_grad():
         lr = disc(pipe.schedule.q_sample(x0_real, eps_r, s), s, cond)
@@ -320,9 +319,13 @@ def test_student_losses_decode_for_the_projected_discriminator(pipe, inputs):
         calls.append(z.shape)
         return z
 
-    def disc(x, s, cond):
-        assert s is None
-        return x.mean((1, 2, 3))
+    class Disc:  # stands for the projected discriminator: clean (decoded) images, no timestep
+        noised = False
+
+        def __call__(self, x, s, cond):
+            assert s is None
+            return x.mean((1, 2, 3))
+    disc = Disc()
     cfg = imagine_flash.Config(disc="projected", recon="none")
     terms, _ = imagine_flash.student_losses(cfg, inputs["student"], pipe.unet, disc, pipe.schedule, inputs["x"], 750,
                                       inputs["cond"], inputs["null"], None, None, None, None, None, decode=decode)

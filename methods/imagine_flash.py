@@ -35,7 +35,6 @@ class Config(RunConfig):
     lr_disc: float = arg(1e-4, "discriminator learning rate (paper: 1e-4)")
     noise_correction: bool = arg(True, "Eq. 9 in the rollout and at inference")
     recon: str = arg("srl", "srl (Eq. 8) | plain (Eq. 7) | none (discriminator only)")
-    recon_weight: str = arg("x0", "x0 (paper: plain MSE on x̂_0) | snr (× α²/σ², the error in ε̂) | sqrt_snr (× α/σ)")
     backward: bool = arg(True, "backward rollout (off: forward-noised data, Eq. 6)")
     k: int = arg(8, "teacher DDIM steps in the target")
     cfg_scale: float = arg(2.0, "guidance scale of the teacher's target (the student runs without CFG)")
@@ -134,23 +133,10 @@ def srl_target(teacher, schedule, x0_student, eps_prime, t, gamma, k, cond, null
     return teacher_x0(teacher, schedule, chi, g, k, cond, null_cond, cfg_scale)
 
 
-def reconstruction_loss(x0_hat: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    # ‖target − x̂_0^Θ‖², mean over pixels: one value per sample (B,)
-    return weight * (target - x0_hat).pow(2).flatten(1).mean(1)
-
-
-def recon_weight(kind: str, schedule: VPSchedule, t: int) -> float:
-    """The reconstruction loss's weight at t. "x0" (the paper): 1. "snr": α_t²/σ_t², which turns the x̂_0 error
-    into the ε̂ error behind it (x̂_0 = (x_t − σ_t ε̂)/α_t, so δx̂_0 = −(σ_t/α_t) δε̂). Why it can matter: at t = 999
-    the x̂_0 loss is (σ/α)² ≈ 213× the ε̂ loss (scaled_linear), so with the x̂_0 loss the gradients of the t = 999
-    iterations dominate Adam's running scale and the later steps, which make the final image, learn slowly."""
-    if kind == "x0":
-        return 1.0
-    if kind == "snr":
-        return float(schedule.snr(t))
-    if kind == "sqrt_snr":
-        return float(schedule.snr(t)) ** 0.5
-    raise ValueError(f"unknown recon weight {kind!r}; choose x0, snr or sqrt_snr")
+def reconstruction_loss(x0_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # ‖target − x̂_0^Θ‖², mean over pixels: one value per sample (B,). (Weighting it per t by SNR or √SNR was
+    # measured worse on the toy and removed: docs/tuning.md, runs E, J, M.)
+    return (target - x0_hat).pow(2).flatten(1).mean(1)
 
 
 def snr_matched_gamma(gamma: tuple, factor: float, schedule: VPSchedule) -> tuple:
@@ -200,7 +186,7 @@ def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, 
                 target = srl_target(teacher, schedule, x0_hat, eps_prime, t, cfg.gamma, cfg.k, cond, null_cond, cfg.cfg_scale)
             else:
                 target = plain_target(teacher, schedule, x_t, t, cfg.k, cond, null_cond, cfg.cfg_scale)
-        terms["recon"] = reconstruction_loss(x0_hat, target, recon_weight(cfg.recon_weight, schedule, t))
+        terms["recon"] = reconstruction_loss(x0_hat, target)
     if disc is not None:
         with record_function("g_adversarial"):
             terms["adv_g"] = g_hinge_loss(disc_logits(disc, schedule, x0_hat, s, eps_fake, cond, decode))
@@ -240,8 +226,6 @@ class ImagineFlash(Distiller):
         validate(cfg)
         if cfg.recon not in ("srl", "plain", "none"):
             raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
-        if cfg.recon_weight not in ("x0", "snr", "sqrt_snr"):
-            raise ValueError(f"--recon-weight must be x0, snr or sqrt_snr, got {cfg.recon_weight!r}")
         if cfg.disc not in ("unet", "projected", "none"):
             raise ValueError(f"--disc must be unet, projected or none, got {cfg.disc!r}")
         if cfg.recon == "none" and cfg.disc == "none":

@@ -118,20 +118,6 @@ def test_reconstruction_loss_is_per_sample_mse():
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("t", [999, 666, 333])
-def test_snr_weight_is_the_error_in_eps(pipe, t):
-    # "snr" weighting: α²/σ² ‖x̂_0 − x̂_0'‖² = ‖ε̂ − ε̂'‖² when both come from the same x_t (Eq. 5)
-    s = pipe.schedule
-    x_t, e1, e2 = (torch.randn(4, 3, 8, 8, generator=gen(i), dtype=torch.float64) for i in range(3))
-    w = imagine_flash.recon_weight("snr", s, t)
-    loss = imagine_flash.reconstruction_loss(s.x0_from_eps(x_t, e1, t), s.x0_from_eps(x_t, e2, t), w)
-    torch.testing.assert_close(loss, (e1 - e2).pow(2).flatten(1).mean(1))
-    assert imagine_flash.recon_weight("x0", s, t) == 1.0
-    assert imagine_flash.recon_weight("sqrt_snr", s, t) == pytest.approx(w ** 0.5)  # halfway, in log scale
-    with pytest.raises(ValueError, match="recon weight"):
-        imagine_flash.recon_weight("l1", s, t)
-
-
 def test_student_x0_is_eq5_with_gradient(pipe, inputs):
     student, x_t, cond = inputs["student"], inputs["x"], inputs["cond"]
     out = imagine_flash.student_x0(student, pipe.schedule, x_t, 750, cond)
@@ -373,8 +359,6 @@ def test_bad_combinations_are_refused(teacher, tmp_path):
         build(teacher, tmp_path, "--recon", "none", "--no-disc")
     with pytest.raises(ValueError, match="--recon"):
         build(teacher, tmp_path, "--recon", "l2")
-    with pytest.raises(ValueError, match="--recon-weight"):
-        build(teacher, tmp_path, "--recon-weight", "l1")
     assert not os.path.exists(tmp_path / "student")
 
 

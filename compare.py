@@ -24,7 +24,7 @@ import engine
 from evaluate import evaluate, save_grid_picture
 from methods import METHODS
 
-METRICS = ("toy_fd", "label_acc", "fid", "clip", "saturation", "sec_per_image")
+METRICS = ("toy_fd", "label_acc", "fid", "fid_tf", "clip", "saturation", "sec_per_image")
 
 
 def distill_once(args, method: str, seed: int, out: str, device) -> float:
@@ -68,7 +68,7 @@ def table(rows: list[dict], path_md: str, header: str) -> str:
         return f(v) + (f" ± {f(sd) if sd >= 1e-4 else '0'}" if sd is not None and r.get("seeds", 1) > 1 else "")
     cols = [("method", "method"), ("NFE", "nfe"), ("seeds", "seeds"), ("distill min", "distill_min"),
             ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"), ("label acc ↑", "label_acc"), ("FID ↓", "fid"),
-            ("CLIP ↑", "clip"), ("saturation", "saturation")]
+            ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"), ("saturation", "saturation")]
     cols = [(h, k) for h, k in cols if any(k in r for r in rows)]
     lines = [header, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -99,6 +99,13 @@ def main(argv=None) -> None:
     p.add_argument("--cfg-scale", type=float, default=2.0, help="the teacher rows' guidance scale (default: 2.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise, shared by all rows (default: 0)")
     p.add_argument("--grid-cols", type=int, default=12, help="columns of the picture (default: 12)")
+    # the quality columns beyond the toy's, as evaluate.py computes them (where their weights and data are given)
+    p.add_argument("--prompts", default=None, help="prompts file for a text-conditioned teacher (default: none)")
+    p.add_argument("--inception", default=None, help="Inception-v3 weights file for FID (default: none)")
+    p.add_argument("--fid", default="", choices=["", "torch-fidelity"], help="standard TF-Inception FID (default: off)")
+    p.add_argument("--fid-weights", default=None, help="local torch-fidelity Inception weights (default: download)")
+    p.add_argument("--reference", default=None, help="folder of real images for FID (default: toy: generated)")
+    p.add_argument("--clip", default=None, help="CLIP model folder or hub id for the CLIP score (default: none)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
                    help="extra distill.py flags for every run, e.g. --steps 300; must come last")
@@ -127,18 +134,21 @@ def main(argv=None) -> None:
     print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
 
 
-def cached_rows(folder: str, make) -> tuple[list[dict], dict]:
-    """(rows, picture images) from <folder>/results.json + grid.safetensors, or made by make(images) and saved
-    there: a resumed comparison samples nothing twice."""
+def cached_rows(folder: str, make, key: dict) -> tuple[list[dict], dict]:
+    """(rows, picture images) from <folder>/results.json + grid.safetensors when they were made with the same
+    evaluation settings (`key`, kept in results_key.json), else made by make(images) and saved there: a resumed
+    comparison samples nothing twice, and a comparison with other settings (more samples, FID) samples again."""
     from safetensors.torch import load_file, save_file
-    cache, grid = os.path.join(folder, "results.json"), os.path.join(folder, "grid.safetensors")
-    if os.path.isfile(cache) and os.path.isfile(grid):
+    cache, grid, key_file = (os.path.join(folder, f) for f in ("results.json", "grid.safetensors", "results_key.json"))
+    if all(os.path.isfile(f) for f in (cache, grid, key_file)) and json.load(open(key_file)) == key:
         return json.load(open(cache)), load_file(grid)
     images = {}
     rows = make(images)
     save_file({k: v.contiguous() for k, v in images.items()}, grid)
     with open(cache, "w") as f:
         json.dump(rows, f, indent=2)
+    with open(key_file, "w") as f:
+        json.dump(key, f)
     return rows, images
 
 
@@ -147,11 +157,15 @@ def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[di
 
     def rows_of(student, folder, keep=None):
         def make(images):
-            rows = evaluate(args.teacher, student, folder, args.n, args.batch_size, args.cfg_scale, args.seed, None, None,
-                            None, None, args.grid_cols, device, rows_filter=keep, images_out=images, classifier=classifier)
+            rows = evaluate(args.teacher, student, folder, args.n, args.batch_size, args.cfg_scale, args.seed, args.inception,
+                            args.reference, args.clip, args.prompts, args.grid_cols, device, rows_filter=keep,
+                            fid=args.fid, fid_weights=args.fid_weights, images_out=images, classifier=classifier)
             return [r for r in rows if student is None or r["method"] != "real images"]  # real images: once
         return make
-    rows, images = cached_rows(os.path.join(args.out, "teacher_eval"), rows_of(None, os.path.join(args.out, "teacher_eval")))
+    key = {k: getattr(args, k) for k in ("n", "seed", "cfg_scale", "grid_cols", "prompts", "inception", "fid", "reference",
+                                         "clip")}
+    rows, images = cached_rows(os.path.join(args.out, "teacher_eval"), rows_of(None, os.path.join(args.out, "teacher_eval")),
+                               key)
     pictures = [(name, imgs) for name, imgs in images.items() if name != "teacher DDIM 2 steps"]
     only_students = lambda row: row["model"] == "student" and "w/o NC" not in row["name"]  # noqa: E731
     for method in tqdm(methods, desc="methods", leave=False):
@@ -161,7 +175,8 @@ def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[di
             tqdm.write(f"compare: {method}, seed {seed} → {out}")
             walls.append(distill_once(args, method, seed, out, device))
             student_rows, images = cached_rows(os.path.join(out, "eval"),
-                                               rows_of(os.path.join(out, "student"), os.path.join(out, "eval"), only_students))
+                                               rows_of(os.path.join(out, "student"), os.path.join(out, "eval"), only_students),
+                                               key)
             per_seed.append(student_rows)
             if seed == seeds[0]:  # the picture: the first seed's student of each method
                 pictures += [(f"{method} {name.replace('student ', '')}", imgs) for name, imgs in images.items()]

@@ -141,7 +141,8 @@ def cached_rows(folder: str, make, key: dict) -> tuple[list[dict], dict]:
     from safetensors.torch import load_file, save_file
     cache, grid, key_file = (os.path.join(folder, f) for f in ("results.json", "grid.safetensors", "results_key.json"))
     if all(os.path.isfile(f) for f in (cache, grid, key_file)) and json.load(open(key_file)) == key:
-        return json.load(open(cache)), load_file(grid)
+        rows, images = json.load(open(cache)), load_file(grid)
+        return rows, {r["method"]: images[r["method"]] for r in rows if r["method"] in images}  # the rows' order
     images = {}
     rows = make(images)
     save_file({k: v.contiguous() for k, v in images.items()}, grid)

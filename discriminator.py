@@ -47,6 +47,18 @@ def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
     return grad.pow(2).flatten(1).sum(1)
 
 
+def make_discriminator(kind: str, teacher_unet: nn.Module, encoder, vit: str, grad_ckpt: bool, device):
+    """The discriminator a method's config asks for: "unet" (a trainable copy of the teacher's encoder + heads, fp32),
+    "projected" (heads on the frozen ViT at `vit`, conditioned with the encoder's width) or "none" (None)."""
+    if kind == "unet":
+        disc = UNetDiscriminator(teacher_unet).float().to(device)
+        disc.encoder.gradient_checkpointing = grad_ckpt
+        return disc
+    if kind == "projected":
+        return ProjectedDiscriminator.from_pretrained(vit, cond_dim=encoder.dim if encoder is not None else None).to(device)
+    return None
+
+
 def disc_logits(disc, schedule, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, cond, decode=None) -> torch.Tensor:
     """D(x̂_0), per sample. Each discriminator prepares its own input, so a training loop never branches on the kind:
     the U-Net discriminator sees x̂_0 noised to s (a diffusion GAN, Eq. 1), the projected one sees pixels

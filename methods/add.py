@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import engine
-from discriminator import ProjectedDiscriminator, UNetDiscriminator, disc_logits, disc_loss, g_hinge_loss
+from discriminator import disc_logits, disc_loss, g_hinge_loss, make_discriminator
 from engine import arg
 from methods.common import Distiller, RunConfig, draw_timestep, student_x0
 from sampler import guided_eps
@@ -152,13 +152,7 @@ class ADD(Distiller):
 
     def build_extra(self) -> None:
         cfg, device = self.cfg, self.dist.device
-        self.disc = None
-        if cfg.disc == "unet":
-            self.disc = UNetDiscriminator(self.teacher).float().to(device)
-            self.disc.encoder.gradient_checkpointing = cfg.grad_ckpt
-        elif cfg.disc == "projected":
-            cond_dim = self.pipe.encoder.dim if self.pipe.encoder is not None else None
-            self.disc = ProjectedDiscriminator.from_pretrained(cfg.disc_vit, cond_dim=cond_dim).to(device)
+        self.disc = make_discriminator(cfg.disc, self.teacher, self.pipe.encoder, cfg.disc_vit, cfg.grad_ckpt, device)
         self.opt_d = (torch.optim.Adam([p for p in self.disc.parameters() if p.requires_grad], lr=cfg.lr_disc,
                                        betas=tuple(cfg.adam_betas)) if self.disc is not None else None)
         self.disc_ddp = self.wrap(self.disc) if self.disc is not None else None

@@ -387,7 +387,8 @@ def test_recon_none_has_no_reconstruction_term(teacher, tmp_path, monkeypatch):
 def test_no_disc_builds_no_discriminator(teacher, tmp_path, monkeypatch, flag):
     def forbidden(*args, **kwargs):
         raise AssertionError("no discriminator with --disc none")
-    monkeypatch.setattr(imagine_flash, "UNetDiscriminator", forbidden)
+    import discriminator
+    monkeypatch.setattr(discriminator, "UNetDiscriminator", forbidden)
     monkeypatch.setattr(imagine_flash, "disc_loss", forbidden)
     d = build(teacher, tmp_path, flag)
     assert d.disc is None and d.opt_d is None and "disc" not in d.state()[0] and "opt_d" not in d.state()[1]

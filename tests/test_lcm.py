@@ -18,7 +18,7 @@ import engine
 from methods import lcm
 from pipeline import load_pipeline
 from sampler import student_sample
-from toyteacher import SIZE, gen, same, snapshot, tiny_unet
+from toyteacher import env1, SIZE, gen, same, snapshot, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,7 +264,7 @@ def test_resume_is_bit_identical(teacher, tmp_path):
 
 def test_cli_smoke_run(teacher, tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    env = env1()
     p = subprocess.run([sys.executable, "distill.py", *lcm_args(teacher, str(out), "--steps", "2", "--ckpt-every", "2",
                                                                 "--micro-batch", "2")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -45,6 +45,8 @@ class Config(RunConfig):
     lambda_adv: float = arg(0.1, "weight of the adversarial term")
     disc_t_max: int = arg(750, "the diffusion-GAN timestep s ~ U[0, disc_t_max) of the U-Net discriminator")
     r1: float = arg(0.0, "R1 penalty weight on real inputs (0: off)")
+    adv_t_min: int = arg(0, "the adversarial term (G and D steps) only at training timesteps t ≥ this (0: every t, "
+                            "the paper)")
 
 
 PRESETS = {
@@ -258,10 +260,11 @@ class ImagineFlash(Distiller):
         draws = draw_iteration(cfg, step, self.source.n, self.latent_shape)
         logs, fakes = {}, []
         decode = self.decode if cfg.disc == "projected" else None
+        disc = self.disc if t >= cfg.adv_t_min else None  # deviation switch: no GAN at the low-t steps
 
         # ---- student (generator) update ----------------------------------------------------------
-        if self.disc is not None:
-            self.disc.requires_grad_(False)  # the G step's gradient must not land in D
+        if disc is not None:
+            disc.requires_grad_(False)  # the G step's gradient must not land in D
         for m, sl in self.micro_slices():
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
             cond, null_cond, x0_real = self.conditions(d["idx"])
@@ -273,7 +276,7 @@ class ImagineFlash(Distiller):
                     else:
                         x_t = forward_noising(self.schedule, x0_real, d["eps"], t)
                 with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
-                    terms, x0_hat = student_losses(cfg, self.student_ddp, self.teacher_fn, self.disc, self.schedule,
+                    terms, x0_hat = student_losses(cfg, self.student_ddp, self.teacher_fn, disc, self.schedule,
                                                    x_t, t, cond, null_cond, x0_real, d["eps_prime"], d["s"],
                                                    d["eps_real"], d["eps_fake"], decode)
                     loss = terms.get("recon", 0) + cfg.lambda_adv * terms.get("adv_g", 0)  # step 6
@@ -285,7 +288,7 @@ class ImagineFlash(Distiller):
         logs["grad_norm"] = self.update_student()  # clip, Adam, EMA
 
         # ---- discriminator update ---------------------------------------------------------------
-        if self.disc is not None:
+        if disc is not None:
             self.disc.requires_grad_(True)
             if cfg.disc == "projected":
                 self.disc.vit.requires_grad_(False)

@@ -395,6 +395,18 @@ def test_no_disc_builds_no_discriminator(teacher, tmp_path, monkeypatch, flag):
     assert set(d.train_step()) == {"recon", "t", "grad_norm"}
 
 
+def test_adv_t_min_keeps_the_gan_to_the_high_timesteps(teacher, tmp_path):
+    d = build(teacher, tmp_path, "--adv-t-min", "750")
+    for t in (500, 750):
+        d.step = step_with_t(d.cfg, t)
+        before = snapshot(d.disc)
+        logs = d.train_step()
+        if t == 500:  # below adv_t_min: reconstruction only, and the discriminator is not stepped
+            assert set(logs) == {"recon", "t", "grad_norm"} and same(before, snapshot(d.disc))
+        else:
+            assert {"adv_g", "d"} <= set(logs) and not same(before, snapshot(d.disc))
+
+
 @pytest.mark.parametrize("extra", [(), ("--no-noise-correction",)])
 def test_backward_distillation_starts_from_the_rollout(teacher, tmp_path, monkeypatch, extra):
     d = build(teacher, tmp_path, *extra)

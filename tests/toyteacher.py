@@ -44,10 +44,10 @@ def make_dinov2(folder: str, seed: int = 0) -> str:
 
 
 def tiny_args(teacher: str, out: str, *extra: str) -> list[str]:
-    """Command-line flags for a seconds-long toy distillation with the tiny teacher (SRL and the paper's
-    timesteps: the method as written, not the demo's choices)."""
+    """Command-line flags for a seconds-long toy distillation with the tiny teacher (SRL, the paper's
+    timesteps and the adversarial term at every t: the method as written, not the demo's choices)."""
     return ["--preset", "toy", "--recon", "srl", "--timesteps", "999,750,500", "--teacher", teacher, "--out", out, "--toy-size", str(SIZE), "--toy-images", "64",
-            "--global-batch", "4", "--micro-batch", "4", "--log-every", "1", "--device", "cpu", *extra]
+            "--global-batch", "4", "--micro-batch", "4", "--log-every", "1", "--adv-t-min", "0", "--device", "cpu", *extra]
 
 
 # --- small helpers the method tests share --------------------------------------------------------------

@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 DEMO   ?= runs/demo
 METHODS ?= imagine_flash,dmd2,emd,lcm,add,step_distill
 
-.PHONY: setup demo demo-full compare test clean
+.PHONY: setup demo compare test clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +23,6 @@ demo: setup
 	$(PY) distill.py --preset toy --teacher $(DEMO)/teacher --out $(DEMO)/distill --resume auto
 	$(PY) evaluate.py --teacher $(DEMO)/teacher --student $(DEMO)/distill/student --out $(DEMO)/eval
 	@echo "demo outputs: $(DEMO)/eval/grid.png and $(DEMO)/eval/results.md"
-
-# The headline (README "Results"): the demo's run continued to FULL_STEPS iterations (3x the quick demo), then
-# evaluated; after `make demo` it resumes at 800, from scratch it runs everything (about an hour on 2 CPU cores).
-FULL_STEPS ?= 2400
-demo-full: setup
-	$(PY) train.py --preset toy --out $(DEMO)/teacher --resume auto
-	$(PY) distill.py --preset toy --teacher $(DEMO)/teacher --out $(DEMO)/distill --resume auto --steps $(FULL_STEPS)
-	$(PY) evaluate.py --teacher $(DEMO)/teacher --student $(DEMO)/distill/student --out $(DEMO)/eval_full
-	@echo "demo-full outputs: $(DEMO)/eval_full/grid.png and $(DEMO)/eval_full/results.md"
 
 # Every method on the demo's teacher, 3 seeds each, 6 minutes each (README, "Methods compared"): about two hours
 # on 2 CPU cores in one process; resumable, so an interrupted run continues.

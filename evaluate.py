@@ -260,37 +260,49 @@ def reference_features(model, reference: str | None, toy: bool, teacher, n: int,
 # --------------------------------------------------------------------------------------------------
 ABLATIONS = [  # (row name, distill.py flags on top of the toy preset: plain Eq. 7 target, timesteps 999/666/333)
     ("Imagine Flash, demo preset", []),
+    ("the paper's first step: told t = 999", ["--first-t", "999"]),
+    ("the paper's GAN at every t (adv_t_min 0)", ["--adv-t-min", "0"]),
     ("the paper's timesteps 999/750/500", ["--timesteps", "999,750,500"]),
     ("SRL (Eq. 8), paper γ 990/950/200", ["--recon", "srl", "--gamma", "900:990,500:950,-1:200"]),
     ("w/o noise correction", ["--no-noise-correction"]),
     ("w/o discriminator", ["--disc", "none"]),
     ("w/o backward distillation (Eq. 6)", ["--no-backward"]),
-    ("w/o reconstruction (discriminator only)", ["--recon", "none"]),
+    ("w/o reconstruction (discriminator only)", ["--recon", "none", "--adv-t-min", "0"]),
 ]
 
 
 def ablation(args, device) -> None:
+    """Every ABLATIONS row distilled once per seed (--ablation-seeds) and scored at 3 steps: mean ± sd per row.
+    Resumable: a row's finished seeds are not distilled again, an interrupted one continues from its checkpoint."""
     import distill
+    from compare import summarise, table
+    seeds = [int(s) for s in args.ablation_seeds.split(",")]
     results = []
-    for name, flags in ABLATIONS:
-        out = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
-        tqdm.write(f"ablation: {name}: distill.py {' '.join(flags)}")
-        if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
-            # --resume auto: a row interrupted before its export continues from its checkpoint
-            distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, "--resume", "auto", *flags,
-                                             *args.distill_args]), distill_dist(device))
-            engine.release_run()
-        keep = lambda row: row["name"] == "student 3 steps"  # noqa: E731  (its own sampler: NC as it was trained)
-        r = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
-                     args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols,
-                     device, rows_filter=keep, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
-        results.append({**r[-1], "method": name + ", 3 steps"})
+    for name, flags in tqdm(ABLATIONS, desc="ablation rows", leave=False):
+        row_dir = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
+        per_seed = []
+        for seed in seeds:
+            out = os.path.join(row_dir, f"seed{seed}")
+            tqdm.write(f"ablation: {name}, seed {seed}: distill.py {' '.join(flags)}")
+            if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
+                distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, "--resume", "auto",
+                                                 "--seed", str(seed), *flags, *args.distill_args]), distill_dist(device))
+                engine.release_run()
+            keep = lambda row: row["name"] == "student 3 steps"  # noqa: E731  (its own sampler: NC as trained)
+            per_seed.append(evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n,
+                                     args.batch_size, args.cfg_scale, args.seed, args.inception, args.reference,
+                                     args.clip, args.prompts, args.grid_cols, device, rows_filter=keep,
+                                     classifier=os.path.join(args.out, "toy_classifier.safetensors"))[-1:])
+        results += [{**r, "method": f"{name}, 3 steps"} for r in summarise(name, per_seed, [0.0] * len(seeds))]
     teacher_rows = evaluate(args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size,
                             args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts,
                             args.grid_cols, device, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
-    table = write_table(teacher_rows + results, os.path.join(args.out, "ablation.md"),
-                        f"Ablation (paper Table 3) at toy scale, {args.n} samples per row")
-    print(table)
+    for r in results:
+        r.pop("distill_min")
+    print(table([r for r in teacher_rows if r["method"] != "teacher DDIM 2 steps"] + results,
+                os.path.join(args.out, "ablation.md"),
+                f"Ablation (paper Table 3) at toy scale: 3-step students, seeds {args.ablation_seeds} (mean ± sd), "
+                f"{args.n} samples per row"))
 
 
 def distill_dist(device):
@@ -320,12 +332,16 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", default=None, help="prompts file for a text-conditioned teacher")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--ablation", action="store_true", help="distill and evaluate the paper's Table 3 rows")
+    p.add_argument("--ablation-seeds", default="0,1,2", help="(with --ablation) distillation seeds per row, "
+                                                             "comma-separated (default: 0,1,2)")
     p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
                    help="(with --ablation) extra distill.py flags, e.g. --steps 300; must come last")
     args = p.parse_args(argv)
     if args.n < 2 or args.batch_size < 1 or args.grid_cols < 1:
         p.error(f"--n must be ≥ 2 (a covariance needs two samples), --batch-size and --grid-cols ≥ 1; "
                 f"got {args.n}, {args.batch_size}, {args.grid_cols}")
+    if args.ablation and not all(s.strip().isdigit() for s in args.ablation_seeds.split(",")):
+        p.error(f"--ablation-seeds must be comma-separated integers, got {args.ablation_seeds!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is available here")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -213,6 +213,9 @@ def validate(cfg: Config) -> None:
         (cfg.r1 >= 0, f"--r1 must be ≥ 0, got {cfg.r1}"),
         (1 <= cfg.disc_t_max <= 1000, f"--disc-t-max must be in [1, 1000], got {cfg.disc_t_max}"),
         (all(len(pair) == 2 for pair in cfg.gamma), f"--gamma must be threshold:gamma pairs, got {cfg.gamma}"),
+        (cfg.recon != "none" or cfg.adv_t_min <= min(cfg.timesteps),
+         f"--recon none leaves only the adversarial term, so --adv-t-min ({cfg.adv_t_min}) must be ≤ the lowest "
+         f"timestep {min(cfg.timesteps)} (e.g. --adv-t-min 0)"),
     ]
     for ok, message in checks:
         if not ok:

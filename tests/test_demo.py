@@ -62,14 +62,16 @@ def test_ablation_distills_and_tabulates_every_row(demo, tmp_path):
     from evaluate import ABLATIONS
     out = tmp_path / "ablation"
     run("evaluate.py", "--ablation", "--teacher", str(demo[0]), "--out", str(out), "--n", "12", "--batch-size", "12",
-        "--device", "cpu", "--distill-args", "--toy-size", str(SIZE), "--toy-images", "64", "--global-batch", "4",
+        "--device", "cpu", "--ablation-seeds", "0,1", "--distill-args", "--toy-size", str(SIZE), "--toy-images", "64", "--global-batch", "4",
         "--micro-batch", "4", "--steps", "2", "--ckpt-every", "2", timeout=900)
     table = (out / "ablation.md").read_text()
-    for name, _ in ABLATIONS:
-        assert f"| {name}, " in table, name
+    for name, _ in ABLATIONS:  # every row, as mean ± sd over its two seeds, each seed its own student
+        line = next(x for x in table.splitlines() if x.startswith(f"| {name}, "))
+        assert " ± " in line and "| 2 |" in line, line
     # the timesteps row was trained, and is evaluated, on its own timesteps
     ts_row = next(d for d in out.iterdir() if d.name.startswith("the_paper_s_timesteps"))
-    assert load_pipeline(str(ts_row / "student")).timesteps == [999, 750, 500]
+    for seed in (0, 1):
+        assert load_pipeline(str(ts_row / f"seed{seed}" / "student")).timesteps == [999, 750, 500]
 
 
 def test_compare_distils_every_method_per_seed_and_resumes(demo, tmp_path):

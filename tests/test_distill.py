@@ -359,6 +359,8 @@ def test_bad_combinations_are_refused(teacher, tmp_path):
         build(teacher, tmp_path, "--recon", "none", "--no-disc")
     with pytest.raises(ValueError, match="--recon"):
         build(teacher, tmp_path, "--recon", "l2")
+    with pytest.raises(ValueError, match="--adv-t-min"):  # t = 500 would have no loss at all
+        build(teacher, tmp_path, "--recon", "none", "--adv-t-min", "750")
     assert not os.path.exists(tmp_path / "student")
 
 

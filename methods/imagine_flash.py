@@ -45,27 +45,18 @@ class Config(RunConfig):
     lambda_adv: float = arg(0.1, "weight of the adversarial term")
     disc_t_max: int = arg(750, "the diffusion-GAN timestep s ~ U[0, disc_t_max) of the U-Net discriminator")
     r1: float = arg(0.0, "R1 penalty weight on real inputs (0: off)")
-    adv_t_min: int = arg(0, "the adversarial term (G and D steps) only at training timesteps t ≥ this (0: every t, "
-                            "the paper)")
+    adv_t_min: int = arg(0, "G and D adversarial steps only at training timesteps t ≥ this (0: every t, the paper)")
 
 
 PRESETS = {
-    # CPU, ~7.5 min on 2 cores: the embedded demo (README, "Results"; every choice below measured at toy scale, docs/tuning.md):
-    # - timesteps 999/666/333 (the teacher's DDIM 3-step set) rather than the paper's 999/750/500: at 16×16 the
-    #   last step from t = 500 leaves too much to one x̂_0 (toy FD 1.26 vs 1.53 at equal cost)
-    # - recon "plain" (Eq. 7): with the paper's γ (990/950/200) SRL erases almost all of a 16×16 image and its
-    #   target becomes an unrelated fresh sample; an SNR-matched γ (36× the SNR: 603/536/9, see
-    #   snr_matched_gamma) was also worse than plain here. The γ below is that SNR-matched table, used with --recon srl.
-    # - lr 1e-4 instead of 5e-6 and 800 iterations of 16 instead of 15k: more, smaller steps beat 400 × 32 at the
-    #   same cost (0.91 vs 1.26); 3e-4 destabilised the adversarial game, λ_adv 0.2 was worse than 0.1.
-    # - first_t 600, a DEVIATION from the paper (--first-t 999 restores it): the student is told t = 600 at its first
-    #   step from pure noise and x̂_0 is read with α_600, σ_600 (sampler.cond_time). With 999 the first step's ε̂
-    #   errors are divided by α_999 = 0.068 and the 1-step student is noise (toy FD 22.2); with 600: 1.88, and the
-    #   2- and 3-step students improve too (3.36 → 1.22, 0.95 → 0.60; docs/tuning.md).
-    # - adv_t_min 666, a DEVIATION (--adv-t-min 0 restores the paper): no adversarial term at the last step
-    #   (t = 333), whose Eq. 7 target is already near the teacher's best; there the GAN pushed the 3-step FD up
-    #   (0.60 → 0.95 from 800 to 1600 iterations) while it is what makes the 1-step student (3.10 without it, 1.88
-    #   with it). Only at 999 (adv_t_min 999) costs the 1- and 2-step students (2.63, 1.62).
+    # CPU, ~7.5 min on 2 cores: the embedded demo. Every choice measured at toy scale (docs/tuning.md has the runs):
+    # - timesteps 999/666/333, not the paper's 999/750/500 (at 16×16 the last step from t = 500 is too far)
+    # - recon "plain" (Eq. 7): SRL with the paper's γ erases a 16×16 image; the SNR-matched γ below (for
+    #   --recon srl) was also worse than plain. lr 1e-4, 800 × 16: more, smaller steps beat fewer, larger ones.
+    # - first_t 600, a DEVIATION (--first-t 999: the paper): at its first step the student is told t = 600
+    #   (sampler.cond_time); with 999, ε̂ errors are divided by α_999 = 0.068 and 1 step is noise (FD 22 vs 1.9).
+    # - adv_t_min 666, a DEVIATION (--adv-t-min 0: the paper): no GAN at the last step (t = 333), where it drove
+    #   the 3-step FD up (0.60 → 0.95 with length); at 999 and 666 it is what makes the 1- and 2-step students.
     "toy": Config(recon="plain", gamma=((900, 603), (500, 536), (-1, 9)), timesteps=(999, 666, 333), lr=1e-4,
                   steps=800, global_batch=16, micro_batch=16, lambda_adv=0.1, ckpt_every=200, first_t=600,
                   adv_t_min=666),

@@ -65,9 +65,17 @@ def test_ablation_distills_and_tabulates_every_row(demo, tmp_path):
         "--device", "cpu", "--ablation-seeds", "0,1", "--distill-args", "--toy-size", str(SIZE), "--toy-images", "64", "--global-batch", "4",
         "--micro-batch", "4", "--steps", "2", "--ckpt-every", "2", timeout=900)
     table = (out / "ablation.md").read_text()
-    for name, _ in ABLATIONS:  # every row, as mean ± sd over its two seeds, each seed its own student
-        line = next(x for x in table.splitlines() if x.startswith(f"| {name}, "))
-        assert " ± " in line and "| 2 |" in line, line
+    for name, _ in ABLATIONS:  # every row at 1 and 3 steps, as mean ± sd over its two seeds, each its own student
+        for steps in ("1 step", "3 steps"):
+            line = next(x for x in table.splitlines() if x.startswith(f"| {name}, {steps} "))
+            assert " ± " in line and "| 2 |" in line, line
+    # a second call (here: one seed) re-uses each seed's student and score: nothing is distilled or sampled again
+    scores = sorted(out.glob("*/seed*/eval/score.json"))
+    assert len(scores) == 2 * len(ABLATIONS)
+    stamps = [p.stat().st_mtime_ns for p in scores]
+    run("evaluate.py", "--ablation", "--teacher", str(demo[0]), "--out", str(out), "--n", "12", "--batch-size", "12",
+        "--device", "cpu", "--ablation-seeds", "1", timeout=900)
+    assert [p.stat().st_mtime_ns for p in scores] == stamps
     # the timesteps row was trained, and is evaluated, on its own timesteps
     ts_row = next(d for d in out.iterdir() if d.name.startswith("the_paper_s_timesteps"))
     for seed in (0, 1):

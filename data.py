@@ -253,7 +253,8 @@ def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_s
     made with another VAE, size or folder fails in one line and is left as it is. Latents are the posterior
     mean (as when encoding on the fly) in float16: about unit variance, so 3 significant digits, far below
     the VAE's own reconstruction error, in half the bytes. Under torchrun every rank encodes every world-th
-    image into a part file, and rank 0 joins the parts (temporary file + rename: never a torn cache)."""
+    image into a part file of this run's own, and rank 0 joins the parts (temporary file + rename: never a
+    torn cache)."""
     from tqdm.auto import tqdm
     key = {"vae": fingerprint(autoencoder), "size": str(dataset.size), "n": str(len(dataset)),
            "images": dataset.image_fingerprint()}
@@ -268,12 +269,17 @@ def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_s
             latents.append(z.half().cpu())
             captions += [c for _, c in items]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        part = f"{path}.part{dist.rank}"
+        # part files named by a token all ranks of THIS run share: another run encoding into the same path
+        # at the same time has its own
+        stem = [engine.temp_name(path)]
+        if engine.dist_initialized():
+            torch.distributed.broadcast_object_list(stem, src=0, device=engine.collective_device())
+        part = lambda r: f"{stem[0]}.part{r}"  # noqa: E731
         save_file({"latents": torch.cat(latents) if latents else torch.zeros(0, dtype=torch.float16),
-                   "captions": _pack(captions)}, part)
+                   "captions": _pack(captions)}, part(dist.rank))
         engine.barrier()
         if dist.main:
-            parts = [load_file(f"{path}.part{r}") for r in range(dist.world)]
+            parts = [load_file(part(r)) for r in range(dist.world)]
             z = torch.empty(len(dataset), *parts[0]["latents"].shape[1:], dtype=torch.float16)
             all_captions = [""] * len(dataset)
             for r, p in enumerate(parts):
@@ -284,7 +290,7 @@ def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_s
             save_file({"latents": z, "captions": _pack(all_captions)}, tmp, metadata={**key, "data": dataset.root})
             os.replace(tmp, path)
             for r in range(dist.world):
-                os.remove(f"{path}.part{r}")
+                os.remove(part(r))
         engine.barrier()
     latents, cached_captions = read_latents(path, key)
     # the latents depend on the images only: captions are always the folder's current ones

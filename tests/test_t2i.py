@@ -217,6 +217,19 @@ def test_latent_cache_encoded_once_and_reused(sd, captions, root, monkeypatch):
     assert calls == [2]
 
 
+def test_latent_cache_parts_are_this_runs_own(sd, captions, root):
+    """Another run encoding into the same path at the same time writes its own part files: this one neither
+    reads nor removes them (they once were one name per rank, shared by every run)."""
+    cache = root / "cache_p" / "latents.safetensors"
+    cache.parent.mkdir(parents=True)
+    foreign = cache.parent / (cache.name + ".part0")
+    foreign.write_bytes(b"another run's part, half written")
+    vae = AutoencoderKL.from_pretrained(sd)
+    latents, _ = data.encode_latents(str(cache), data.CaptionFolder(captions, size=IMAGE_SIZE), vae, engine.Dist())
+    assert len(latents) == 8 and foreign.read_bytes() == b"another run's part, half written"
+    assert sorted(os.listdir(cache.parent)) == sorted([cache.name, foreign.name])
+
+
 def test_latent_cache_from_another_vae_size_or_folder_is_refused(sd, captions, prompts, root, capsys):
     cache = root / "cache_x" / "latents.safetensors"
     distill.main(t2i_args(sd, captions, root / "x1", "--steps", "1", "--latent-cache", str(cache)))

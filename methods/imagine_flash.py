@@ -170,7 +170,7 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> 
 
 
 # --------------------------------------------------------------------------------------------------
-# one training iteration
+# one training iteration: the student's terms, the checks, the loop
 # --------------------------------------------------------------------------------------------------
 def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, null_cond, x0_real, eps_prime,
                    s, eps_real, eps_fake, decode=None) -> tuple[dict, torch.Tensor]:
@@ -191,12 +191,12 @@ def student_losses(cfg: Config, student, teacher, disc, schedule, x_t, t, cond, 
     return terms, x0_hat
 
 
-# --------------------------------------------------------------------------------------------------
-# the iteration
-# --------------------------------------------------------------------------------------------------
 def validate(cfg: Config) -> None:
     """This method's fields, before anything is loaded or written: one ValueError line for the first nonsense."""
     checks = [
+        (cfg.recon in ("srl", "plain", "none"), f"--recon must be srl, plain or none, got {cfg.recon!r}"),
+        (cfg.disc in ("unet", "projected", "none"), f"--disc must be unet, projected or none, got {cfg.disc!r}"),
+        (cfg.recon != "none" or cfg.disc != "none", "--recon none with --disc none leaves no loss to train on"),
         (cfg.k >= 1, f"--k must be ≥ 1 teacher step, got {cfg.k}"),
         (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
         (cfg.lr_disc > 0, f"--lr-disc must be > 0, got {cfg.lr_disc}"),
@@ -225,12 +225,6 @@ class ImagineFlash(Distiller):
 
     def __init__(self, cfg: Config, dist: engine.Dist):
         validate(cfg)
-        if cfg.recon not in ("srl", "plain", "none"):
-            raise ValueError(f"--recon must be srl, plain or none, got {cfg.recon!r}")
-        if cfg.disc not in ("unet", "projected", "none"):
-            raise ValueError(f"--disc must be unet, projected or none, got {cfg.disc!r}")
-        if cfg.recon == "none" and cfg.disc == "none":
-            raise ValueError("--recon none with --disc none leaves no loss to train on")
         super().__init__(cfg, dist)
 
     def needs_images(self) -> bool:

@@ -49,7 +49,7 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    # CPU, ~7.5 min on 2 cores: the embedded demo. Every choice measured at toy scale (docs/tuning.md has the runs):
+    # CPU, ~6 min on 2 cores: the embedded demo. Every choice measured at toy scale (docs/tuning.md has the runs):
     # - timesteps 999/666/333, not the paper's 999/750/500 (at 16×16 the last step from t = 500 is too far)
     # - recon "plain" (Eq. 7): SRL with the paper's γ erases a 16×16 image; the SNR-matched γ below (for
     #   --recon srl) was also worse than plain. lr 1e-4, 800 × 16: more, smaller steps beat fewer, larger ones.

@@ -273,12 +273,14 @@ ABLATIONS = [  # (row name, distill.py flags on top of the toy preset: plain Eq.
 
 def ablation(args, device) -> None:
     """Every ABLATIONS row distilled once per seed (--ablation-seeds) and scored at 1 and 3 steps: mean ± sd.
-    Resumable: a row's finished seeds are not distilled or scored again, an interrupted one continues from its
+    Resumable: a row's finished seeds are not distilled or sampled again, an interrupted one continues from its
     checkpoint; so processes with different --ablation-seeds may share one --out, and a last run with all of them
     writes the table."""
     import distill
-    from compare import summarise, table
+    from compare import cached_rows, summarise, table
     seeds = [int(s) for s in args.ablation_seeds.split(",")]
+    classifier = os.path.join(args.out, "toy_classifier.safetensors")  # one feature space for every row
+    key = {k: getattr(args, k) for k in ("n", "seed", "cfg_scale", "grid_cols", "inception", "reference")}
     results = []
     for name, flags in tqdm(ABLATIONS, desc="ablation rows", leave=False):
         row_dir = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
@@ -290,30 +292,18 @@ def ablation(args, device) -> None:
                 distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, "--resume", "auto",
                                                  "--seed", str(seed), *flags, *args.distill_args]), distill_dist(device))
                 engine.release_run()
-            # a seed's score is kept beside it (score.json) with the settings that made it: a re-run reuses it
-            settings = {"n": args.n, "seed": args.seed, "cfg_scale": args.cfg_scale, "inception": args.inception,
-                        "reference": args.reference}
-            score_path = os.path.join(out, "eval", "score.json")
-            try:
-                with open(score_path) as f:
-                    score = json.load(f)
-            except (OSError, ValueError):  # none yet, or torn by an interrupted run: score again
-                score = {}
-            if score.get("settings") != settings:
-                # its own sampler (NC as trained); 1 step too: the first step is where the rows differ most
-                keep = lambda row: row["name"] in ("student 1 step", "student 3 steps")  # noqa: E731
-                rows = evaluate(args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n,
-                                args.batch_size, args.cfg_scale, args.seed, args.inception, args.reference,
-                                args.clip, args.prompts, args.grid_cols, device, rows_filter=keep,
-                                classifier=os.path.join(args.out, "toy_classifier.safetensors"))[1:]  # [0]: real images
-                score = {"settings": settings, "rows": rows}
-                with open(score_path, "w") as f:
-                    json.dump(score, f, indent=2)
-            per_seed.append(score["rows"])
+            # its own sampler (NC as trained); 1 step too: the first step is where the rows differ most. A seed's
+            # rows are kept beside it with the settings that made them: a re-run samples nothing twice
+            keep = lambda row: row["name"] in ("student 1 step", "student 3 steps")  # noqa: E731
+            per_seed.append(cached_rows(os.path.join(out, "eval"), lambda images: evaluate(
+                args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
+                args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols,
+                device, rows_filter=keep, images_out=images, classifier=classifier)[1:], key)[0])  # [0]: real images
         results += summarise(name + ",", per_seed, [0.0] * len(seeds))
-    teacher_rows = evaluate(args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size,
-                            args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts,
-                            args.grid_cols, device, classifier=os.path.join(args.out, "toy_classifier.safetensors"))
+    teacher_rows = cached_rows(os.path.join(args.out, "teacher_eval"), lambda images: evaluate(
+        args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size, args.cfg_scale, args.seed,
+        args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device, images_out=images,
+        classifier=classifier), key)[0]
     for r in results:
         r.pop("distill_min")
     print(table([r for r in teacher_rows if r["method"] != "teacher DDIM 2 steps"] + results,

@@ -70,7 +70,7 @@ def test_ablation_distills_and_tabulates_every_row(demo, tmp_path):
             line = next(x for x in table.splitlines() if x.startswith(f"| {name}, {steps} "))
             assert " ± " in line and "| 2 |" in line, line
     # a second call (here: one seed) re-uses each seed's student and score: nothing is distilled or sampled again
-    scores = sorted(out.glob("*/seed*/eval/score.json"))
+    scores = sorted(out.glob("*/seed*/eval/results.json"))
     assert len(scores) == 2 * len(ABLATIONS)
     stamps = [p.stat().st_mtime_ns for p in scores]
     run("evaluate.py", "--ablation", "--teacher", str(demo[0]), "--out", str(out), "--n", "12", "--batch-size", "12",

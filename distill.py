@@ -16,12 +16,14 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import torch
 
 import engine
 from methods import METHODS
+from methods.common import validate_run
 from pipeline import save_pipeline
 
 
@@ -52,7 +54,14 @@ def parse_args(argv=None):
         p.error(f"unknown method {known.method!r}; choose one of {', '.join(METHODS)}")
     if base is None:
         p.error(f"unknown preset {known.preset!r} for {known.method}; choose one of {', '.join(method.PRESETS)}")
-    return engine.read_config(p, args, base), known.preset
+    cfg = engine.read_config(p, args, base)
+    given = [f.name for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None]
+    ignored = [(f, why) for f, why in method.unused(cfg).items() if f in given]
+    if ignored:  # a flag that does nothing here would be kept in config.json and the export as if it did
+        flag, why = ignored[0]
+        print(f"error: {engine._flag(flag)} is not used by this configuration: {why}; drop it")
+        sys.exit(2)
+    return cfg, known.preset
 
 
 def method_of(cfg) -> str:
@@ -70,8 +79,11 @@ def main(argv=None) -> None:
 
 def run(cfg, preset: str, dist: engine.Dist):
     cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
-    distiller, method = build(cfg, dist), method_of(cfg)
+    METHODS[method_of(cfg)].validate(cfg)  # nonsense values: one line before the folder is even made
+    validate_run(cfg)
+    # the folder first: a second run into it stops here at once, not after minutes of loading the teacher
     lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
+    distiller, method = build(cfg, dist), method_of(cfg)
     state_path = os.path.join(cfg.out, "state.safetensors")
     resume = engine.resume_path(cfg.out, cfg.resume)
     if resume:
@@ -105,7 +117,11 @@ def run(cfg, preset: str, dist: engine.Dist):
         bar.update(1)
         logger.maybe_print(distiller.step, dist.device)
         s = distiller.step
-        last = s == cfg.steps or wall.spent(cfg.time_budget)  # --time-budget: stop here, checkpoint, export
+        budget_spent = s < cfg.steps and wall.spent(cfg.time_budget)  # --time-budget: stop here, checkpoint, export
+        last = s == cfg.steps or budget_spent
+        if budget_spent:
+            engine.print0(f"--time-budget {cfg.time_budget:g} min spent at step {s} of {cfg.steps}: stopping, "
+                          "checkpoint and export")
         if cfg.ckpt_every and (s % cfg.ckpt_every == 0 or last):
             if dist.main:
                 engine.save_state(state_path, s, *distiller.state(),

@@ -20,6 +20,7 @@ Running one training script at every scale: shared by train.py (teacher) and dis
 import argparse
 import copy
 import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -143,27 +144,79 @@ def print0(*args, **kwargs) -> None:
 
 
 def launch(run, cfg, preset: str) -> None:
-    """The `main` of train.py and distill.py: processes, per-rank seed, run(cfg, preset, dist). Bad input
-    (a missing file, a config that does not fit, a run gone non-finite) ends every rank with one `error: …`
-    line and exit code 2; Ctrl-C ends it with one line saying where the last checkpoint is, exit code 130."""
+    """The `main` of train.py and distill.py: processes, per-rank seed, run(cfg, preset, dist), under one_line_errors:
+    bad input or a failed write ends every rank with one `error: …` line and exit code 2, Ctrl-C (130) and SIGTERM
+    (143) with one line saying where the last checkpoint is."""
     PROGRESS.update(step=0, checkpoint=None)
+    held = len(_HELD)  # the folders this run claims come after these
+
+    def body():
+        dist_ = setup_distributed(cfg.device)
+        torch.manual_seed(cfg.seed * 1000 + dist_.rank)
+        run(cfg, preset, dist_)
+        release_run(since=held)
+
+    def stopped(failed: bool):
+        release_run(failed=failed, since=held)
+        if dist_initialized():  # no barrier: the other ranks are failing or being interrupted too
+            torch.distributed.destroy_process_group()
+    one_line_errors(body, cleanup=stopped, where=lambda: f"at step {PROGRESS['step']}; {last_checkpoint()}")
+    cleanup_distributed()
+
+
+# what ends a command with one line and exit code 2: bad input (ValueError, FileNotFoundError) and any failed read or
+# write (OSError: permission denied, disk full, a name too long, …). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+class Terminated(BaseException):
+    """SIGTERM (what SLURM and most schedulers send before a kill), raised where the process is, like Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def error_line(e: BaseException) -> str:
+    """One line for a user error. An OSError from the system (errno set) names the file and says what to do."""
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        where = f" {e.filename}" if e.filename else ""
+        hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                errno.EACCES: "fix its permissions or choose another path",
+                errno.EPERM: "fix its permissions or choose another path", errno.EROFS: "choose a writable path",
+                errno.ENAMETOOLONG: "choose a shorter name"}.get(e.errno)
+        return f"{e.strerror.lower()}:{where}" + (f" ({hint})" if hint else "")
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text
+
+
+def one_line_errors(body, cleanup=lambda failed: None, where=lambda: "", stream=None):
+    """Run body() as a command's main: a user error (USER_ERRORS) → `error: …` and exit 2, Ctrl-C → exit 130,
+    SIGTERM → exit 143, each one line (with where(): the last checkpoint) after cleanup(failed=True). Returns body()."""
+    import signal
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        dist = setup_distributed(cfg.device)
-        torch.manual_seed(cfg.seed * 1000 + dist.rank)
-        run(cfg, preset, dist)
-        release_run()
-    except (FileNotFoundError, ValueError) as e:
-        release_run()
-        print0(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        cleanup_distributed()
+        return body()
+    except USER_ERRORS as e:
+        cleanup(True)
+        line = error_line(e)
+        if isinstance(e, OSError) and e.errno is not None and PROGRESS["step"]:
+            line += f"; {where()}"
+        print0(f"error: {line}", file=stream or sys.stdout)
         sys.exit(2)
     except KeyboardInterrupt:
-        release_run()
-        print0(f"\ninterrupted at step {PROGRESS['step']}; {last_checkpoint()}")
-        if dist_initialized():  # no barrier: the other ranks are being interrupted too
-            torch.distributed.destroy_process_group()
+        cleanup(True)
+        print0(f"\ninterrupted {where()}".rstrip(), file=stream or sys.stdout)
         sys.exit(130)
-    cleanup_distributed()
+    except Terminated:
+        cleanup(True)
+        print0(f"terminated (SIGTERM) {where()}".rstrip(), file=stream or sys.stdout)
+        sys.exit(143)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def dist_initialized() -> bool:
@@ -373,7 +426,9 @@ def load_state(path: str, modules: dict, optimizers: dict, config: dict | None =
 # --------------------------------------------------------------------------------------------------
 # one run per folder, resume semantics, non-finite runs
 # --------------------------------------------------------------------------------------------------
-RUN_FILES = ("state.safetensors", "config.json", "train_config.json", "log.jsonl", "student", "unet")
+# what makes a folder hold a run worth keeping: a checkpoint or an exported model. A config.json or log.jsonl alone is
+# the trace of a run that failed before its first checkpoint: nothing to resume, so a plain retry may replace it.
+RUN_FILES = ("state.safetensors", "student", "unet")
 
 
 def resume_path(out: str, resume: str) -> str:
@@ -385,18 +440,19 @@ def resume_path(out: str, resume: str) -> str:
 
 
 def open_run(out: str, resume: str, overwrite: bool, dist_: Dist):
-    """Claim `out` for this run, before anything is written to it. Refuses (ValueError, one line) an --out that is
-    a file, and a new run into a folder that already holds a run (its checkpoint, config, log or exported model)
-    unless the user chose: --resume (continue it) or --overwrite (replace it: the old checkpoint and log are
-    removed so nothing of the two runs mixes). Then takes an exclusive lock on <out>/.lock (flock, released when
-    the process ends, even on kill -9): a second run into the same folder stops at once. Returns the lock's open
-    file (keep it referenced for the run's life); None on the other ranks, which follow the main rank's verdict."""
+    """Claim `out` for this run, before anything is loaded or written. Refuses (ValueError, one line) an --out that is
+    a file, and a new run into a folder that already holds a run (its checkpoint or exported model) unless the user
+    chose: --resume (continue it) or --overwrite (replace it: the old checkpoint and log are removed so nothing of the
+    two runs mixes). Then takes an exclusive lock on <out>/.lock (flock, released when the process ends, even on
+    kill -9): a second run into the same folder stops at once, and the temporary files of dead writers are removed.
+    Returns the lock's open file (keep it referenced for the run's life); None on the other ranks, which follow the
+    main rank's verdict."""
     error, lock = None, None
     if dist_.main:
         try:
             lock = _claim(out, resume, overwrite)
-        except ValueError as e:
-            error = str(e)
+        except (ValueError, OSError) as e:  # OSError: a folder that cannot be made or written (one line, every rank)
+            error = error_line(e)
     agree(error)
     return lock
 
@@ -410,6 +466,7 @@ def _claim(out: str, resume: str, overwrite: bool):
     if found and not resume and not overwrite:
         raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume auto to continue it, "
                          "--overwrite to replace it, or choose another --out")
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, ".lock"), "a+")
     try:
@@ -422,7 +479,8 @@ def _claim(out: str, resume: str, overwrite: bool):
     lock.truncate(0)
     lock.write(f"pid {os.getpid()}\n")
     lock.flush()
-    _HELD.append(lock)
+    _HELD.append((lock, out, created))
+    remove_dead_temps(out)
     if overwrite:  # the old run's resumable state and its log go; its exported files are rewritten at the end
         for f in ("state.safetensors", "log.jsonl"):
             if os.path.isfile(os.path.join(out, f)):
@@ -430,13 +488,45 @@ def _claim(out: str, resume: str, overwrite: bool):
     return lock
 
 
-_HELD = []  # the locks this process holds
+_HELD = []  # (lock file, folder, whether this run made the folder) for each folder this process claimed
 
 
-def release_run() -> None:
-    """Let go of the folders this process claimed (the end of a run; the OS does it too when a process dies)."""
-    while _HELD:
-        _HELD.pop().close()
+def release_run(failed: bool = False, since: int = 0) -> None:
+    """Let go of the folders this process claimed (after the first `since`: those of one run; the OS does it too when
+    a process dies). A run that failed leaves no folder behind that it made and wrote nothing into."""
+    while len(_HELD) > since:
+        lock, out, created = _HELD.pop()
+        lock.close()
+        if failed and created and os.path.isdir(out) and os.listdir(out) == [".lock"]:
+            os.remove(os.path.join(out, ".lock"))
+            os.rmdir(out)
+
+
+def remove_dead_temps(folder: str) -> list[str]:
+    """Remove the temporary files and folders (temp_name) in `folder` whose writer is provably gone: its process id is
+    not alive on this machine (a kill -9 mid-write). Called with the folder's lock held, so no live run of this
+    folder writes there. Returns what was removed."""
+    import re
+    import shutil
+    removed = []
+    for name in os.listdir(folder):
+        m = re.search(r"\.(\d+)\.[0-9a-f]{8}\.tmp$", name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def check_resume(stored: dict, config: dict, changeable, path: str = "the checkpoint") -> list[str]:

@@ -127,24 +127,36 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: 
 # --------------------------------------------------------------------------------------------------
 # the iteration
 # --------------------------------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    """This method's fields, before anything is loaded or written: one ValueError line for the first nonsense."""
+    checks = [
+        (cfg.disc in ("unet", "projected", "none"), f"--disc must be unet, projected or none, got {cfg.disc!r}"),
+        (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
+        (cfg.lr_disc > 0, f"--lr-disc must be > 0, got {cfg.lr_disc}"),
+        (cfg.lambda_distill >= 0 and cfg.lambda_adv >= 0, "--lambda-distill and --lambda-adv must be ≥ 0"),
+        (cfg.lambda_distill > 0 or (cfg.lambda_adv > 0 and cfg.disc != "none"), "no loss left to train on"),
+        (cfg.r1 >= 0, f"--r1 must be ≥ 0, got {cfg.r1}"),
+        (1 <= cfg.disc_t_max <= 1000, f"--disc-t-max must be in [1, 1000], got {cfg.disc_t_max}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def unused(cfg: Config) -> dict:
+    """The flags this configuration does not read, with why (refused when given: see distill.parse_args)."""
+    adv = "there is no discriminator (--disc none)"
+    return {**({"disc_vit": "only --disc projected has a ViT"} if cfg.disc != "projected" else {}),
+            **({f: adv for f in ("lambda_adv", "lr_disc", "r1", "disc_t_max")} if cfg.disc == "none" else {})}
+
+
 class ADD(Distiller):
     """The shared Distiller (teacher, student, EMA, data) plus the discriminator and its optimiser."""
 
     lr_of = {"opt_g": "lr", "opt_d": "lr_disc"}
 
     def __init__(self, cfg: Config, dist: engine.Dist):
-        checks = [
-            (cfg.disc in ("unet", "projected", "none"), f"--disc must be unet, projected or none, got {cfg.disc!r}"),
-            (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
-            (cfg.lr_disc > 0, f"--lr-disc must be > 0, got {cfg.lr_disc}"),
-            (cfg.lambda_distill >= 0 and cfg.lambda_adv >= 0, "--lambda-distill and --lambda-adv must be ≥ 0"),
-            (cfg.lambda_distill > 0 or (cfg.lambda_adv > 0 and cfg.disc != "none"), "no loss left to train on"),
-            (cfg.r1 >= 0, f"--r1 must be ≥ 0, got {cfg.r1}"),
-            (1 <= cfg.disc_t_max <= 1000, f"--disc-t-max must be in [1, 1000], got {cfg.disc_t_max}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        validate(cfg)
         super().__init__(cfg, dist)
 
     def needs_images(self) -> bool:

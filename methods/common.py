@@ -74,6 +74,19 @@ def draw_timestep(timesteps: tuple, seed: int, step: int) -> int:
     return int(timesteps[torch.randint(len(timesteps), (1,), generator=g).item()])
 
 
+def validate_run(cfg: RunConfig) -> None:
+    """The fields every method shares, before anything is loaded or written: one ValueError line."""
+    engine.validate_common(cfg)
+    if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
+        raise ValueError(f"--adam-betas must be two numbers in [0, 1), got {cfg.adam_betas}")
+    if cfg.grad_clip < 0 or cfg.sample_every < 0:
+        raise ValueError("--grad-clip and --sample-every must be ≥ 0 (0: off / at the end)")
+    if list(cfg.timesteps) != sorted(set(cfg.timesteps), reverse=True) or not 0 <= min(cfg.timesteps) <= max(cfg.timesteps) < 1000:
+        raise ValueError(f"--timesteps must be distinct, descending, in [0, 999]; got {cfg.timesteps}")
+    if not 0 <= cfg.first_t < 1000:
+        raise ValueError(f"--first-t must be in [0, 999]; got {cfg.first_t}")
+
+
 class Distiller:
     """Teacher, student, EMA, data and the student's optimiser from a RunConfig; a method adds the rest."""
 
@@ -81,15 +94,7 @@ class Distiller:
 
     def __init__(self, cfg: RunConfig, dist: engine.Dist):
         self.cfg, self.dist = cfg, dist
-        engine.validate_common(cfg)
-        if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
-            raise ValueError(f"--adam-betas must be two numbers in [0, 1), got {cfg.adam_betas}")
-        if cfg.grad_clip < 0 or cfg.sample_every < 0:
-            raise ValueError("--grad-clip and --sample-every must be ≥ 0 (0: off / at the end)")
-        if list(cfg.timesteps) != sorted(set(cfg.timesteps), reverse=True) or not 0 <= min(cfg.timesteps) <= max(cfg.timesteps) < 1000:
-            raise ValueError(f"--timesteps must be distinct, descending, in [0, 999]; got {cfg.timesteps}")
-        if not 0 <= cfg.first_t < 1000:
-            raise ValueError(f"--first-t must be in [0, 999]; got {cfg.first_t}")
+        validate_run(cfg)
         self.accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
         device = dist.device
 

@@ -168,20 +168,31 @@ def simulation_generator(seed: int, step: int, sl: slice) -> torch.Generator:
 # --------------------------------------------------------------------------------------------------
 # the iteration
 # --------------------------------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    """This method's fields, before anything is loaded or written: one ValueError line for the first nonsense."""
+    checks = [(cfg.ratio >= 1, f"--ratio must be ≥ 1, got {cfg.ratio}"),
+              (cfg.lr_fake > 0, f"--lr-fake must be > 0, got {cfg.lr_fake}"),
+              (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
+              (cfg.gan_weight >= 0 and cfg.gan_weight_fake >= 0, "--gan-weight and --gan-weight-fake must be ≥ 0"),
+              (1 <= cfg.gan_t_max <= 1000, f"--gan-t-max must be in [1, 1000], got {cfg.gan_t_max}")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def unused(cfg: Config) -> dict:
+    """The flags this configuration does not read, with why (refused when given: see distill.parse_args)."""
+    no_gan = "there is no GAN head (--gan-weight 0)"
+    return {f: no_gan for f in ("gan_weight_fake", "gan_t_max")} if cfg.gan_weight == 0 else {}
+
+
 class DMD2(Distiller):
     """The shared Distiller (teacher, θ = student, EMA, data) plus the fake score φ (+ head) and its optimiser."""
 
     lr_of = {"opt_g": "lr", "opt_fake": "lr_fake"}  # optimiser → its learning-rate field
 
     def __init__(self, cfg: Config, dist: engine.Dist):
-        checks = [(cfg.ratio >= 1, f"--ratio must be ≥ 1, got {cfg.ratio}"),
-                  (cfg.lr_fake > 0, f"--lr-fake must be > 0, got {cfg.lr_fake}"),
-                  (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
-                  (cfg.gan_weight >= 0 and cfg.gan_weight_fake >= 0, "--gan-weight and --gan-weight-fake must be ≥ 0"),
-                  (1 <= cfg.gan_t_max <= 1000, f"--gan-t-max must be in [1, 1000], got {cfg.gan_t_max}")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        validate(cfg)
         self.gan = cfg.gan_weight > 0
         super().__init__(cfg, dist)
 

@@ -169,24 +169,35 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> 
 # --------------------------------------------------------------------------------------------------
 # the iteration
 # --------------------------------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    """This method's fields, before anything is loaded or written: one ValueError line for the first nonsense."""
+    checks = [(tuple(cfg.timesteps) == (999,), f"EMD trains a one-step generator: --timesteps must be 999, "
+                                               f"got {cfg.timesteps}"),
+              (cfg.ratio >= 1, f"--ratio must be ≥ 1, got {cfg.ratio}"),
+              (cfg.lr_fake > 0, f"--lr-fake must be > 0, got {cfg.lr_fake}"),
+              (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
+              (cfg.langevin_steps >= 0, f"--langevin-steps must be ≥ 0, got {cfg.langevin_steps}"),
+              (0 <= cfg.t_min <= cfg.t_max < 1000, f"need 0 ≤ --t-min ≤ --t-max ≤ 999, got {cfg.t_min}, {cfg.t_max}"),
+              (0 < cfg.step_eps <= 1 and 0 < cfg.step_z <= 1,
+               f"Langevin step sizes must be in (0, 1], got {cfg.step_eps}, {cfg.step_z}")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def unused(cfg: Config) -> dict:
+    """The flags this configuration does not read, with why (refused when given: see distill.parse_args)."""
+    no_chain = "there is no Langevin chain (--langevin-steps 0)"
+    return {f: no_chain for f in ("step_eps", "step_z", "noise_cancel")} if cfg.langevin_steps == 0 else {}
+
+
 class EMD(Distiller):
     """The shared Distiller (teacher, student = g_θ, EMA, data) plus the fake score φ and its optimiser."""
 
     lr_of = {"opt_g": "lr", "opt_fake": "lr_fake"}  # optimiser → its learning-rate field
 
     def __init__(self, cfg: Config, dist: engine.Dist):
-        checks = [(tuple(cfg.timesteps) == (999,), f"EMD trains a one-step generator: --timesteps must be 999, "
-                                                   f"got {cfg.timesteps}"),
-                  (cfg.ratio >= 1, f"--ratio must be ≥ 1, got {cfg.ratio}"),
-                  (cfg.lr_fake > 0, f"--lr-fake must be > 0, got {cfg.lr_fake}"),
-                  (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
-                  (cfg.langevin_steps >= 0, f"--langevin-steps must be ≥ 0, got {cfg.langevin_steps}"),
-                  (0 <= cfg.t_min <= cfg.t_max < 1000, f"need 0 ≤ --t-min ≤ --t-max ≤ 999, got {cfg.t_min}, {cfg.t_max}"),
-                  (0 < cfg.step_eps <= 1 and 0 < cfg.step_z <= 1,
-                   f"Langevin step sizes must be in (0, 1], got {cfg.step_eps}, {cfg.step_z}")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        validate(cfg)
         super().__init__(cfg, dist)
 
     def build_extra(self) -> None:

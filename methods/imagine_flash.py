@@ -218,6 +218,16 @@ def validate(cfg: Config) -> None:
                 raise ValueError(f"--gamma gives γ({t}) = {g}: it must be a timestep in [k = {cfg.k}, 999]")
 
 
+def unused(cfg: Config) -> dict:
+    """The flags this configuration does not read, with why: given on the command line, each is refused in one line
+    (a value that silently does nothing would be kept in config.json and the export as if it had)."""
+    adv = "there is no discriminator (--disc none)"
+    return {**({"gamma": "γ is read only by the SRL target (--recon srl)"} if cfg.recon != "srl" else {}),
+            **({"k": "--recon none has no teacher target"} if cfg.recon == "none" else {}),
+            **({"disc_vit": "only --disc projected has a ViT"} if cfg.disc != "projected" else {}),
+            **({f: adv for f in ("lambda_adv", "lr_disc", "r1", "disc_t_max", "adv_t_min")} if cfg.disc == "none" else {})}
+
+
 class ImagineFlash(Distiller):
     """The shared Distiller (teacher, student, EMA, data) plus the discriminator and its optimiser."""
 

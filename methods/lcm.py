@@ -177,6 +177,11 @@ def validate(cfg: Config) -> list[int]:
     return grid
 
 
+def unused(cfg: Config) -> dict:
+    """The flags this configuration does not read, with why (refused when given: see distill.parse_args)."""
+    return {"huber_c": "only --distance huber reads it"} if cfg.distance != "huber" else {}
+
+
 # --------------------------------------------------------------------------------------------------
 # the iteration
 # --------------------------------------------------------------------------------------------------

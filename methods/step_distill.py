@@ -195,24 +195,34 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: 
 # --------------------------------------------------------------------------------------------------
 # the iteration
 # --------------------------------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    """This method's fields, before anything is loaded or written: one ValueError line for the first nonsense."""
+    n_rounds(cfg.start_steps, cfg.final_steps)  # raises on a non-power-of-2 ratio
+    checks = [(cfg.stage1_steps >= 0, f"--stage1-steps must be ≥ 0, got {cfg.stage1_steps}"),
+              (cfg.steps_per_round >= 1, f"--steps-per-round must be ≥ 1, got {cfg.steps_per_round}"),
+              (2 * cfg.start_steps <= 1000, f"--start-steps must be ≤ 500 (its teacher grid has 2N of 1000 "
+                                            f"timesteps), got {cfg.start_steps}"),
+              (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
+              (cfg.first_t == 999, f"--first-t: step distillation tells the student its true time (999), got "
+                                   f"{cfg.first_t}"),
+              (cfg.steps <= total_steps(cfg), f"--steps {cfg.steps} is past the schedule: stage 1 "
+               f"({cfg.stage1_steps}) + {n_rounds(cfg.start_steps, cfg.final_steps)} rounds × "
+               f"{cfg.steps_per_round} = {total_steps(cfg)} iterations")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def unused(cfg: Config) -> dict:
+    """The flags this configuration does not read, with why (refused when given: see distill.parse_args)."""
+    return {"timesteps": "they are derived from --final-steps"}
+
+
 class StepDistill(Distiller):
     """The shared Distiller (guided teacher, student, EMA, data) plus the round's frozen teacher."""
 
     def __init__(self, cfg: Config, dist: engine.Dist):
-        n_rounds(cfg.start_steps, cfg.final_steps)  # raises on a non-power-of-2 ratio
-        checks = [(cfg.stage1_steps >= 0, f"--stage1-steps must be ≥ 0, got {cfg.stage1_steps}"),
-                  (cfg.steps_per_round >= 1, f"--steps-per-round must be ≥ 1, got {cfg.steps_per_round}"),
-                  (2 * cfg.start_steps <= 1000, f"--start-steps must be ≤ 500 (its teacher grid has 2N of 1000 "
-                                                f"timesteps), got {cfg.start_steps}"),
-                  (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
-                  (cfg.first_t == 999, f"--first-t: step distillation tells the student its true time (999), got "
-                                       f"{cfg.first_t}"),
-                  (cfg.steps <= total_steps(cfg), f"--steps {cfg.steps} is past the schedule: stage 1 "
-                   f"({cfg.stage1_steps}) + {n_rounds(cfg.start_steps, cfg.final_steps)} rounds × "
-                   f"{cfg.steps_per_round} = {total_steps(cfg)} iterations")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        validate(cfg)
         cfg.timesteps = tuple(student_grid(cfg.final_steps))  # derived (config.json records what is exported)
         super().__init__(cfg, dist)
         if self.schedule.alphas_cumprod[-1] <= 0:

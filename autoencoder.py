@@ -1,6 +1,6 @@
 """Where the diffusion happens: pixel space, or the latent space of the Stable Diffusion VAE.
 
-Imagine Flash (METHOD.md) distills a *latent* diffusion model: the teacher and the student both
+Imagine Flash (docs/method.md) distills a *latent* diffusion model: the teacher and the student both
 denoise z = scaling_factor * E(x), and only the final x̂_0 is decoded, D(z) -> image. The toy and
 CIFAR-10 presets diffuse pixels directly; `Identity` gives them the same encode/decode interface so
 distill.py, train.py and evaluate.py never branch on it.

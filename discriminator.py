@@ -1,6 +1,6 @@
 """
 The adversarial half of Imagine Flash: a discriminator that tells real images from the student's x̂_0,
-and the hinge losses that train it and the student (METHOD.md, "Adversarial loss").
+and the hinge losses that train it and the student (docs/method.md, "Adversarial loss").
 
 Two discriminators, as in the paper:
   UNetDiscriminator       built from the teacher U-Net: a trainable copy of its encoder (conv_in, time

@@ -1,7 +1,7 @@
 """
 The variance-preserving (VP) noise schedule: how much signal and how much noise an image carries at
 each of the T = 1000 integer timesteps, and the conversions between x_t, x_0 and ε that every other
-file uses. Imagine Flash (METHOD.md, Eq. 1 and Eq. 5) works entirely in these terms.
+file uses. Imagine Flash (docs/method.md, Eq. 1 and Eq. 5) works entirely in these terms.
 
     ᾱ_t = ∏_{s≤t} (1 − β_s),   α_t = sqrt(ᾱ_t),   σ_t = sqrt(1 − ᾱ_t)       (α_t² + σ_t² = 1)
 

@@ -1,6 +1,6 @@
 """The denoiser: a U-Net that predicts the noise, eps_hat = eps_theta(x_t, t, cond).
 
-Teacher and student in Imagine Flash (METHOD.md) are the same network; only their weights differ.
+Teacher and student in Imagine Flash (docs/method.md) are the same network; only their weights differ.
 This file writes that network from scratch (torch only) with parameter names *identical* to
 diffusers' state dicts, so a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors)
 loads with no key conversion and `save_pretrained` writes a folder diffusers reads back. Two layouts:

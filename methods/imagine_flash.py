@@ -1,5 +1,5 @@
 """
-Imagine Flash (Kohler et al. 2024; METHOD.md): backward distillation, the shifted reconstruction loss, noise
+Imagine Flash (Kohler et al. 2024; docs/method.md): backward distillation, the shifted reconstruction loss, noise
 correction and an adversarial term distil a noise-predicting teacher into a 1–3 step student.
 
 One iteration (ImagineFlash.train_step), each piece a named function below:

@@ -31,7 +31,7 @@ def test_schedule_matches_diffusers(kind):
 
 
 def test_terminal_alphas_as_method_md_states():
-    # METHOD.md: ᾱ_T ≈ 4.0e-5 (DDPM linear), ≈ 4.7e-3 (SD scaled_linear); zero-terminal-SNR gives exactly 0
+    # docs/method.md: ᾱ_T ≈ 4.0e-5 (DDPM linear), ≈ 4.7e-3 (SD scaled_linear); zero-terminal-SNR gives exactly 0
     assert abs(VPSchedule("linear").alphas_cumprod[-1].item() - 4.0e-5) < 0.1e-5
     assert abs(VPSchedule("scaled_linear").alphas_cumprod[-1].item() - 4.7e-3) < 0.1e-3
     z = VPSchedule("scaled_linear", zero_terminal_snr=True)

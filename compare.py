@@ -11,12 +11,12 @@ budget (--minutes: distill.py --time-budget); the table states each run's measur
 again, an interrupted one continues from its checkpoint, and an evaluated one is read back from its results.json.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 
-import torch
 from tqdm.auto import tqdm
 
 import distill
@@ -27,16 +27,50 @@ from methods import METHODS
 METRICS = ("toy_fd", "label_acc", "fid", "fid_tf", "clip", "saturation", "sec_per_image")
 
 
-def distill_once(args, method: str, seed: int, out: str, device) -> float:
+# fields that say how a run ran, not what it made: a cached student made with other values is still the same student
+HOW_IT_RAN = {"resume", "overwrite", "out", "device", "log_every", "sample_every", "ckpt_every"}
+
+
+def distill_args(args, method: str, seed: int, out: str) -> list[str]:
+    """The distill.py flags of one student: its method, preset, teacher, seed, the shared budget and --distill-args."""
+    budget = ["--time-budget", str(args.minutes)] if args.minutes > 0 else []
+    if budget and not getattr(METHODS[method], "FIXED_STEPS", False):  # the budget, not the preset, sets the length
+        budget += ["--steps", "1000000"]
+    return ["--method", method, "--preset", args.preset, "--teacher", args.teacher, "--out", out, "--seed", str(seed),
+            "--resume", "auto", *budget, *args.distill_args]
+
+
+def check_cached(out: str, cfg, preset: str, method: str, teacher_fp: str) -> None:
+    """A student (or a checkpoint of one) already in `out` must have been made by exactly this comparison's
+    settings and teacher; otherwise one line (ValueError), never the old student under the new table's header."""
+    from pipeline import load_pipeline
+    made = os.path.join(out, "config.json")
+    started = any(os.path.exists(os.path.join(out, f)) for f in ("state.safetensors", "student"))
+    if not started:
+        return  # nothing made yet (or a run that failed before its first checkpoint: replaced)
+    if not os.path.isfile(made):
+        raise ValueError(f"{out} holds a student but no config.json saying how it was made: remove it or use another --out")
+    stored = json.load(open(made))
+    now = json.loads(json.dumps({"method": method, "preset": preset, **dataclasses.asdict(cfg)}))
+    skip = HOW_IT_RAN | set(METHODS[method].unused(cfg))  # a field the method does not read cannot differ in effect
+    for k in sorted(set(stored) | set(now)):
+        if k not in skip and stored.get(k) != now.get(k):
+            raise ValueError(f"{out} holds a student made with {k} = {stored.get(k)!r}, now asked for "
+                             f"{now.get(k)!r}: use another --out, or remove {out} to distil it again")
+    student = os.path.join(out, "student")
+    if os.path.isfile(os.path.join(student, "pipeline.json")):
+        fp = (load_pipeline(student).teacher or {}).get("fingerprint")
+        if fp != teacher_fp:
+            raise ValueError(f"{student} was distilled from another teacher than {cfg.teacher} (fingerprint {fp}, now "
+                             f"{teacher_fp}): use another --out, or remove {out} to distil it again")
+
+
+def distill_once(args, method: str, seed: int, out: str, device, teacher_fp: str) -> float:
     """Distil (or finish distilling) one student; returns its wall time in seconds (distill.py's wall.json, summed
-    over the invocations of a resumed run)."""
-    if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
-        budget = ["--time-budget", str(args.minutes)] if args.minutes > 0 else []
-        if budget and not getattr(METHODS[method], "FIXED_STEPS", False):  # the budget, not the preset, sets the length
-            budget += ["--steps", "1000000"]
-        cfg, preset = distill.parse_args(["--method", method, "--preset", args.preset, "--teacher", args.teacher,
-                                          "--out", out, "--seed", str(seed), "--resume", "auto", *budget,
-                                          *args.distill_args])
+    over the invocations of a resumed run). A student already there is reused only if it was made the same way."""
+    cfg, preset = distill.parse_args(distill_args(args, method, seed, out))
+    check_cached(out, cfg, preset, method, teacher_fp)
+    if not os.path.isfile(os.path.join(out, "student", "pipeline.json")):  # the export's last word (atomic)
         distill.run(cfg, preset, engine.Dist(device=device))
         engine.release_run()
     return json.load(open(os.path.join(out, "wall.json")))["seconds"]
@@ -118,20 +152,29 @@ def main(argv=None) -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"bad --seeds {args.seeds!r}: comma-separated integers")
-    if args.n < 2:
-        p.error("--n must be ≥ 2")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    try:
+    if args.n < 2 or args.batch_size < 1 or args.grid_cols < 1:
+        p.error(f"--n must be ≥ 2 (a covariance needs two samples), --batch-size and --grid-cols ≥ 1; "
+                f"got {args.n}, {args.batch_size}, {args.grid_cols}")
+    if args.minutes < 0 or args.cfg_scale < 0:
+        p.error(f"--minutes and --cfg-scale must be ≥ 0, got {args.minutes} and {args.cfg_scale}")
+    for method in methods:  # every student's flags parse (and make sense) before any work
+        distill.parse_args(distill_args(args, method, seeds[0], os.path.join(args.out, method, f"seed{seeds[0]}")))
+
+    def body():
+        from evaluate import check_out
+        device = engine.pick_device(args.device)
+        check_out(args.out)
         rows, pictures = compare(args, methods, seeds, device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-    header = (f"teacher {args.teacher}, preset {args.preset}, seeds {args.seeds}, {args.n} samples per row and seed, "
-              + (f"{args.minutes:g} min of distillation per student" if args.minutes > 0 else "each preset's steps")
-              + (f", distill.py {' '.join(args.distill_args)}" if args.distill_args else ""))
-    print(table(rows, os.path.join(args.out, "compare.md"), header))
-    save_grid_picture(pictures, os.path.join(args.out, "compare.png"))
-    print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
+        header = (f"teacher {args.teacher}, preset {args.preset}, seeds {args.seeds}, {args.n} samples per row and seed, "
+                  + (f"{args.minutes:g} min of distillation per student" if args.minutes > 0 else "each preset's steps")
+                  + (f", distill.py {' '.join(args.distill_args)}" if args.distill_args else ""))
+        print(table(rows, os.path.join(args.out, "compare.md"), header))
+        save_grid_picture(pictures, os.path.join(args.out, "compare.png"))
+        print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
+    # bad input, a failed write: one line, exit 2; Ctrl-C 130 and SIGTERM 143 name the student's last checkpoint
+    engine.one_line_errors(body, cleanup=lambda failed: engine.release_run(failed=failed),
+                           where=lambda: engine.last_checkpoint() if engine.PROGRESS["checkpoint"] else "",
+                           stream=sys.stderr)
 
 
 def cached_rows(folder: str, make, key: dict) -> tuple[list[dict], dict]:
@@ -163,8 +206,11 @@ def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[di
                             fid=args.fid, fid_weights=args.fid_weights, images_out=images, classifier=classifier)
             return [r for r in rows if student is None or r["method"] != "real images"]  # real images: once
         return make
+    from pipeline import fingerprint, resolve
+    teacher_fp = fingerprint(resolve(args.teacher))
+    # every cached row is keyed on what made it: the evaluation's settings and the U-Nets sampled (their fingerprints)
     key = {k: getattr(args, k) for k in ("n", "seed", "cfg_scale", "grid_cols", "prompts", "inception", "fid", "reference",
-                                         "clip")}
+                                         "clip")} | {"teacher": teacher_fp}
     rows, images = cached_rows(os.path.join(args.out, "teacher_eval"), rows_of(None, os.path.join(args.out, "teacher_eval")),
                                key)
     pictures = [(name, imgs) for name, imgs in images.items() if name != "teacher DDIM 2 steps"]
@@ -174,10 +220,11 @@ def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[di
         for seed in seeds:
             out = os.path.join(args.out, method, f"seed{seed}")
             tqdm.write(f"compare: {method}, seed {seed} → {out}")
-            walls.append(distill_once(args, method, seed, out, device))
+            walls.append(distill_once(args, method, seed, out, device, teacher_fp))
+            student_key = {**key, "student": fingerprint(os.path.join(out, "student"))}
             student_rows, images = cached_rows(os.path.join(out, "eval"),
                                                rows_of(os.path.join(out, "student"), os.path.join(out, "eval"), only_students),
-                                               key)
+                                               student_key)
             per_seed.append(student_rows)
             if seed == seeds[0]:  # the picture: the first seed's student of each method
                 pictures += [(f"{method} {name.replace('student ', '')}", imgs) for name, imgs in images.items()]

@@ -135,7 +135,8 @@ def run(cfg, preset: str, dist: engine.Dist):
     bar.close()
     if dist.main:
         save_pipeline(os.path.join(cfg.out, "student"), distiller.ema, distiller.schedule, distiller.pipe.encoder,
-                      base=distiller.pipe.path, sampler={"method": method, **distiller.sampler_spec()})
+                      base=distiller.pipe.path, sampler={"method": method, **distiller.sampler_spec()},
+                      teacher=cfg.teacher)
         wall.save(distiller.step)
         engine.print0(f"student (EMA) written to {os.path.join(cfg.out, 'student')}")
     engine.barrier()

@@ -111,13 +111,18 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto") -> Dist:
-    """Initialise the process group when launched by torchrun (RANK set), else a single process."""
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+def pick_device(device: str = "auto") -> torch.device:
+    """--device auto | cpu | cuda[:N] → a torch.device; anything else, or CUDA without a GPU, is one ValueError line."""
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Initialise the process group when launched by torchrun (RANK set), else a single process."""
+    cuda = pick_device(device).type == "cuda"
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))

@@ -51,13 +51,31 @@ def methods(cfg_scale: float, spec: dict) -> list[dict]:
 
 
 def sampler_of(student) -> dict:
-    """A student's sampler. A student from distill.py records it (pipeline.json: kind, timesteps, noise
-    correction, first_t); every prefix of its timesteps is a sampler it was trained for (training draws t from
-    all of them, and the loss at each t is on x̂_0 from there), so n steps = the first n. Otherwise DDIM with
-    noise correction at the paper's 3-step set."""
-    if student is not None and student.sampler:
-        return dict(student.sampler)
-    return {"kind": "ddim", "timesteps": student_timesteps(3), "noise_correction": True}
+    """A student's sampler, as distill.py records it (pipeline.json: kind, timesteps, noise correction, first_t);
+    every prefix of its timesteps is a sampler it was trained for (training draws t from all of them, and the loss
+    at each t is on x̂_0 from there), so n steps = the first n. A folder that records none is refused: scored with a
+    guessed sampler its numbers would be another model's (None: teacher rows only)."""
+    if student is None:
+        return {"kind": "ddim", "timesteps": student_timesteps(3), "noise_correction": True}  # no student rows
+    if not student.sampler:
+        raise ValueError(f"--student {student.path} records no sampler (no pipeline.json with one): an export that did "
+                         "not finish, or not a distilled student (score a teacher with --teacher and --student '')")
+    return dict(student.sampler)
+
+
+def check_pair(teacher, student) -> list[str]:
+    """Warnings (not errors: the user may mean it) when the pair is not what it looks like: a distilled student given
+    as --teacher, or a student scored against a teacher other than the one it was distilled from."""
+    from pipeline import fingerprint
+    warnings = []
+    if teacher.sampler:
+        warnings.append(f"--teacher {teacher.path} is a distilled student (its pipeline.json records a sampler): the "
+                        "teacher rows sample it with the teacher's samplers")
+    made_from = (student.teacher or {}) if student is not None else {}
+    if made_from.get("fingerprint") and made_from["fingerprint"] != fingerprint(teacher.path):
+        warnings.append(f"--student {student.path} was distilled from {made_from.get('path')}, not from --teacher "
+                        f"{teacher.path} (their U-Nets differ): the rows compare it against another model")
+    return warnings
 
 
 @torch.no_grad()
@@ -151,6 +169,14 @@ def write_table(results: list[dict], path_md: str, header: str) -> str:
     return text
 
 
+def check_out(out: str) -> None:
+    """The output folder, made now: an --out that is a file, or a folder that cannot be made, is one line before any
+    work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    os.makedirs(out, exist_ok=True)
+
+
 def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batch_size: int, cfg_scale: float,
              seed: int, inception: str | None, reference: str | None, clip: str | None, prompts_file: str | None,
              grid_cols: int, device: torch.device, rows_filter=None, fid: str = "", fid_weights: str | None = None,
@@ -158,8 +184,12 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
     """One row per sampler (methods()): NFE, s/image and the quality columns. images_out: {row name: the first
     grid_cols images}, for a caller that draws its own picture. classifier: where the toy classifier is cached
     (default <out>/toy_classifier.safetensors); rows compared across calls must share it."""
+    check_out(out)  # before minutes of sampling, not after
     teacher = load_pipeline(teacher_path).to(device)
     student = load_pipeline(student_path).to(device) if student_path else None
+    spec = sampler_of(student)
+    for warning in check_pair(teacher, student):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     toy = teacher.encoder is not None and teacher.encoder.config().get("kind") == "labels"
     # the prompts: toy labels cycling over the classes, a prompts file (t2i), or none (unconditional)
     if toy:
@@ -175,7 +205,6 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         prompts = None
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(n, *teacher.latent_shape(), generator=g)  # the same noise for every method
-    spec = sampler_of(student)
 
     judge = ToyJudge(teacher.latent_shape()[-1], classifier or os.path.join(out, "toy_classifier.safetensors")) if toy else None
     fid_model, fid_ref = None, None
@@ -277,10 +306,14 @@ def ablation(args, device) -> None:
     checkpoint; so processes with different --ablation-seeds may share one --out, and a last run with all of them
     writes the table."""
     import distill
-    from compare import cached_rows, summarise, table
+    from compare import cached_rows, check_cached, summarise, table
+    from pipeline import fingerprint, resolve
+    check_out(args.out)
+    teacher_fp = fingerprint(resolve(args.teacher))
     seeds = [int(s) for s in args.ablation_seeds.split(",")]
     classifier = os.path.join(args.out, "toy_classifier.safetensors")  # one feature space for every row
-    key = {k: getattr(args, k) for k in ("n", "seed", "cfg_scale", "grid_cols", "inception", "reference")}
+    key = {k: getattr(args, k) for k in ("n", "seed", "cfg_scale", "grid_cols", "inception", "reference")} | \
+        {"teacher": teacher_fp}  # and each student's own fingerprint: rows are keyed on the U-Nets that made them
     results = []
     for name, flags in tqdm(ABLATIONS, desc="ablation rows", leave=False):
         row_dir = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
@@ -288,9 +321,11 @@ def ablation(args, device) -> None:
         for seed in seeds:
             out = os.path.join(row_dir, f"seed{seed}")
             tqdm.write(f"ablation: {name}, seed {seed}: distill.py {' '.join(flags)}")
-            if not os.path.isfile(os.path.join(out, "student", "unet", "config.json")):
-                distill.run(*distill.parse_args(["--teacher", args.teacher, "--out", out, "--resume", "auto",
-                                                 "--seed", str(seed), *flags, *args.distill_args]), distill_dist(device))
+            cfg, preset = distill.parse_args(["--teacher", args.teacher, "--out", out, "--resume", "auto",
+                                              "--seed", str(seed), *flags, *args.distill_args])
+            check_cached(out, cfg, preset, "imagine_flash", teacher_fp)  # a student made otherwise: refused
+            if not os.path.isfile(os.path.join(out, "student", "pipeline.json")):  # the export's last word (atomic)
+                distill.run(cfg, preset, distill_dist(device))
                 engine.release_run()
             # its own sampler (NC as trained); 1 step too: the first step is where the rows differ most. A seed's
             # rows are kept beside it with the settings that made them: a re-run samples nothing twice
@@ -298,7 +333,8 @@ def ablation(args, device) -> None:
             per_seed.append(cached_rows(os.path.join(out, "eval"), lambda images: evaluate(
                 args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
                 args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols,
-                device, rows_filter=keep, images_out=images, classifier=classifier)[1:], key)[0])  # [0]: real images
+                device, rows_filter=keep, images_out=images, classifier=classifier)[1:],
+                {**key, "student": fingerprint(os.path.join(out, "student"))})[0])  # [1:]: real images once
         results += summarise(name + ",", per_seed, [0.0] * len(seeds))
     teacher_rows = cached_rows(os.path.join(args.out, "teacher_eval"), lambda images: evaluate(
         args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size, args.cfg_scale, args.seed,
@@ -349,28 +385,28 @@ def main(argv=None) -> None:
                 f"got {args.n}, {args.batch_size}, {args.grid_cols}")
     if args.ablation and not all(s.strip().isdigit() for s in args.ablation_seeds.split(",")):
         p.error(f"--ablation-seeds must be comma-separated integers, got {args.ablation_seeds!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA GPU is available here")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    try:
-        if args.ablation:
-            ablation(args, device)
-            return
-        results = evaluate(args.teacher, args.student or None, args.out, args.n, args.batch_size, args.cfg_scale, args.seed,
-                           args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device,
-                           fid=args.fid, fid_weights=args.fid_weights)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-    student_rows = [r for r in results if r["method"].startswith("student")]
-    ts = max((r["timesteps"] for r in student_rows), key=len, default=None)
-    table = write_table(results, os.path.join(args.out, "results.md"),
-                        f"teacher {args.teacher}, student {args.student}"
-                        + (f" (timesteps {', '.join(map(str, ts))}; n steps = the first n)" if ts else "")
-                        + f", {args.n} samples per method, teacher CFG {args.cfg_scale}")
-    print(table)
-    print(f"picture: {os.path.join(args.out, 'grid.png')}   table: {os.path.join(args.out, 'results.md')} (+ .json)")
+    if args.cfg_scale < 0:
+        p.error(f"--cfg-scale must be ≥ 0 (1: no guidance), got {args.cfg_scale}")
 
+    def body():
+        device = engine.pick_device(args.device)
+        if args.ablation:
+            return ablation(args, device)
+        results = evaluate(args.teacher, args.student or None, args.out, args.n, args.batch_size, args.cfg_scale,
+                           args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device,
+                           fid=args.fid, fid_weights=args.fid_weights)
+        student_rows = [r for r in results if r["method"].startswith("student")]
+        ts = max((r["timesteps"] for r in student_rows), key=len, default=None)
+        table = write_table(results, os.path.join(args.out, "results.md"),
+                            f"teacher {args.teacher}, student {args.student}"
+                            + (f" (timesteps {', '.join(map(str, ts))}; n steps = the first n)" if ts else "")
+                            + f", {args.n} samples per method, teacher CFG {args.cfg_scale}")
+        print(table)
+        print(f"picture: {os.path.join(args.out, 'grid.png')}   table: {os.path.join(args.out, 'results.md')} (+ .json)")
+    # bad input, a failed write: one line, exit 2; Ctrl-C 130, SIGTERM 143 (an ablation's distillation: its checkpoint)
+    engine.one_line_errors(body, cleanup=lambda failed: engine.release_run(failed=failed),
+                           where=lambda: engine.last_checkpoint() if engine.PROGRESS["checkpoint"] else "",
+                           stream=sys.stderr)
 
 if __name__ == "__main__":
     main()

@@ -13,19 +13,22 @@ A teacher or a student on disk: a diffusers-style folder that holds everything n
                      is written relative to this one, so the two can be moved together), and
                      {"timesteps": [...]}: a distilled student's inference timesteps (what it was trained on), and
                      {"sampler": {"method", "kind", "timesteps", "noise_correction", "first_t"}}: how it samples
-                     (sampler.student_sample)
+                     (sampler.student_sample), and {"teacher": {"path", "fingerprint"}}: what it was distilled from
 
 train.py writes a teacher in this layout (with a COPY of its frozen text encoder in text_encoder/ + tokenizer/,
 so the folder stands alone), distill.py a student; evaluate.py reads both.
 """
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from autoencoder import Identity, load_autoencoder
+from engine import temp_name
 from conditioning import LabelEncoder, TextEncoder, load_conditioning
 from schedule import VPSchedule
 from unet import UNet
@@ -40,6 +43,7 @@ class Pipeline:
     path: str = ""
     timesteps: list[int] | None = None  # a student's own inference timesteps (pipeline.json), None for a teacher
     sampler: dict | None = None  # a student's own sampler (pipeline.json), None for a teacher
+    teacher: dict | None = None  # a student's teacher: {"path", "fingerprint"} (pipeline.json), None for a teacher
 
     def to(self, device, dtype=None) -> "Pipeline":
         self.unet.to(device)
@@ -139,24 +143,53 @@ def load_pipeline(path: str, need_vae: bool | None = None) -> Pipeline:
     timesteps = meta.get("timesteps")
     sampler = meta.get("sampler") or ({"kind": "ddim", "timesteps": timesteps, "noise_correction": True}
                                       if timesteps else None)  # a student from before samplers were recorded
-    return Pipeline(unet, schedule, encoder, autoencoder.eval().requires_grad_(False), path, timesteps, sampler)
+    return Pipeline(unet, schedule, encoder, autoencoder.eval().requires_grad_(False), path, timesteps, sampler,
+                    meta.get("teacher"))
+
+
+def fingerprint(path: str) -> str:
+    """A short fingerprint of a pipeline folder's U-Net: its config and, for each weights file, the size and the first
+    and last MiB (cheap at any model size; a retrained or other model of the same shape differs there)."""
+    unet_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(unet_dir)):
+        if name == "config.json" or name.endswith(".safetensors"):
+            with open(os.path.join(unet_dir, name), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                h.update(f"{name}\0{size}\0".encode() + f.read(2**20))
+                f.seek(max(0, size - 2**20))
+                h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Module | None, base: str | None = None,
-                  timesteps: list[int] | None = None, sampler: dict | None = None) -> None:
+                  timesteps: list[int] | None = None, sampler: dict | None = None, teacher: str | None = None) -> None:
     """Write unet/ and scheduler/ (+ conditioning.json for a label encoder, or pipeline.json → base for
     the VAE and text encoder of a real teacher, or, with no base, a copy of a text encoder in text_encoder/ +
-    tokenizer/); a student's timesteps go to pipeline.json too. The U-Net is saved in diffusers' layout, so the result also loads with diffusers'
-    UNet2DConditionModel / UNet2DModel.from_pretrained(path, subfolder="unet")."""
-    os.makedirs(path, exist_ok=True)
-    unet.save_pretrained(os.path.join(path, "unet"))
-    schedule.save_pretrained(os.path.join(path, "scheduler"))
+    tokenizer/); a student's sampler and its teacher (path and fingerprint) go to pipeline.json too. The U-Net is saved
+    in diffusers' layout, so the result also loads with diffusers' UNet2DConditionModel / UNet2DModel.from_pretrained(
+    path, subfolder="unet"). Atomic: everything is written to a temporary folder beside `path` that then takes its
+    place, so an export that fails (disk full) or is interrupted leaves the previous one, or nothing: never a folder
+    without its pipeline.json."""
+    tmp = temp_name(path)
+    try:
+        _write_pipeline(tmp, path, unet, schedule, encoder, base, timesteps, sampler, teacher)
+        _put_in_place(tmp, path)
+    finally:  # a failed write: its partial folder goes, whatever was at `path` stays
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_pipeline(folder, path, unet, schedule, encoder, base, timesteps, sampler, teacher) -> None:
+    os.makedirs(folder)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    schedule.save_pretrained(os.path.join(folder, "scheduler"))
     if isinstance(encoder, LabelEncoder):
-        with open(os.path.join(path, "conditioning.json"), "w") as f:
+        with open(os.path.join(folder, "conditioning.json"), "w") as f:
             json.dump(encoder.config(), f, indent=2)
     if isinstance(encoder, TextEncoder) and base is None:  # a teacher of our own: carry its text encoder along
-        encoder.model.save_pretrained(os.path.join(path, "text_encoder"))
-        encoder.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        encoder.model.save_pretrained(os.path.join(folder, "text_encoder"))
+        encoder.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     # point back to the teacher only for what the student folder lacks (a VAE or a text encoder): a toy
     # student with a label encoder stands alone and can be moved freely
     needs_base = base is not None and (not os.path.isdir(base) or any(
@@ -169,9 +202,36 @@ def save_pipeline(path: str, unet: UNet, schedule: VPSchedule, encoder: nn.Modul
         meta["sampler"] = sampler
     if timesteps is not None:
         meta["timesteps"] = [int(t) for t in timesteps]
+    if teacher is not None:  # evaluate.py warns when a student is scored against another teacher
+        meta["teacher"] = {"path": os.path.abspath(teacher) if os.path.isdir(teacher) else teacher,
+                           "fingerprint": fingerprint(resolve(teacher))}
     if meta:
-        with open(os.path.join(path, "pipeline.json"), "w") as f:
+        with open(os.path.join(folder, "pipeline.json"), "w") as f:
             json.dump(meta, f, indent=2)
+
+
+# what a pipeline folder holds (save_pipeline); a folder with anything else is a run folder (train.py's teacher)
+PIPELINE_ENTRIES = {"unet", "scheduler", "vae", "text_encoder", "tokenizer", "conditioning.json", "pipeline.json"}
+
+
+def _put_in_place(tmp: str, path: str) -> None:
+    """The finished folder `tmp` becomes `path`: one rename when `path` is new; a previous export of its own is
+    renamed away first (a kill between the renames leaves it under a temporary name, removed by the next run); in a
+    run folder that holds other files (a checkpoint, a log) the entries are replaced one by one."""
+    if not os.path.exists(path):
+        os.replace(tmp, path)
+        return
+    if set(os.listdir(path)) <= PIPELINE_ENTRIES:
+        entries = [(tmp, path)]
+    else:
+        entries = [(os.path.join(tmp, name), os.path.join(path, name)) for name in sorted(os.listdir(tmp))]
+    for src, dst in entries:
+        old = temp_name(dst) if os.path.isdir(dst) else None
+        if old:
+            os.replace(dst, old)
+        os.replace(src, dst)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def encode_prompts(encoder: nn.Module | None, prompts, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:

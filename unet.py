@@ -770,12 +770,17 @@ class UNet(nn.Module):
         os.makedirs(folder, exist_ok=True)
         config = dict(self.config, _diffusers_version=DIFFUSERS_VERSION)
         config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
-        with open(config_path + ".tmp", "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, weights_path + ".tmp", metadata={"format": "pt"})
-        os.replace(config_path + ".tmp", config_path)
-        os.replace(weights_path + ".tmp", weights_path)
+        try:
+            with open(config_path + ".tmp", "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, weights_path + ".tmp", metadata={"format": "pt"})
+            os.replace(config_path + ".tmp", config_path)
+            os.replace(weights_path + ".tmp", weights_path)
+        finally:  # a failed write (disk full) leaves no temporary file
+            for tmp in (config_path + ".tmp", weights_path + ".tmp"):
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------

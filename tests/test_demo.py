@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline import load_pipeline
-from toyteacher import SIZE, TINY, tiny_args
+from toyteacher import SIZE, TINY, env1, tiny_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,8 +73,16 @@ def test_ablation_distills_and_tabulates_every_row(demo, tmp_path):
     scores = sorted(out.glob("*/seed*/eval/results.json"))
     assert len(scores) == 2 * len(ABLATIONS)
     stamps = [p.stat().st_mtime_ns for p in scores]
+    small = ["--toy-size", str(SIZE), "--toy-images", "64", "--global-batch", "4", "--micro-batch", "4", "--steps", "2",
+             "--ckpt-every", "2"]
     run("evaluate.py", "--ablation", "--teacher", str(demo[0]), "--out", str(out), "--n", "12", "--batch-size", "12",
-        "--device", "cpu", "--ablation-seeds", "1", timeout=900)
+        "--device", "cpu", "--ablation-seeds", "1", "--distill-args", *small, timeout=900)
+    assert [p.stat().st_mtime_ns for p in scores] == stamps
+    # other distillation flags into the same --out: refused in one line, nothing re-used under the new settings
+    p = subprocess.run([sys.executable, "evaluate.py", "--ablation", "--teacher", str(demo[0]), "--out", str(out),
+                        "--n", "12", "--device", "cpu", "--ablation-seeds", "1", "--distill-args", *small[:-4],
+                        "--steps", "3", "--ckpt-every", "2"], cwd=ROOT, env=env1(), capture_output=True, text=True)
+    assert p.returncode == 2 and "steps = 2" in p.stderr and "now asked for 3" in p.stderr, p.stderr[-800:]
     assert [p.stat().st_mtime_ns for p in scores] == stamps
     # the timesteps row was trained, and is evaluated, on its own timesteps
     ts_row = next(d for d in out.iterdir() if d.name.startswith("the_paper_s_timesteps"))
@@ -106,3 +114,10 @@ def test_compare_distils_every_method_per_seed_and_resumes(demo, tmp_path):
     again = run(*args, timeout=300)
     assert "compare:" in again.stdout + again.stderr
     assert {p: p.stat().st_mtime for p in out.rglob("results.json")} == stamp  # nothing evaluated twice
+    # the same --out with other distillation flags: refused in one line before any work, never the old students
+    # under the new header
+    p = subprocess.run([sys.executable, *args[:-4], "--steps", "4", "--ckpt-every", "2"], cwd=ROOT, env=env1(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "steps = 2" in p.stderr and "now asked for 4" in p.stderr, p.stderr[-800:]
+    assert "Traceback" not in p.stderr and not (out / "compare.md").read_text().count("--steps 4")
+    assert {p: p.stat().st_mtime for p in out.rglob("results.json")} == stamp

@@ -157,10 +157,11 @@ def main(argv=None) -> None:
                 f"got {args.n}, {args.batch_size}, {args.grid_cols}")
     if args.minutes < 0 or args.cfg_scale < 0:
         p.error(f"--minutes and --cfg-scale must be ≥ 0, got {args.minutes} and {args.cfg_scale}")
-    for method in methods:  # every student's flags parse (and make sense) before any work
-        distill.parse_args(distill_args(args, method, seeds[0], os.path.join(args.out, method, f"seed{seeds[0]}")))
+    engine.start_progress(None)  # no training run yet in this command
 
     def body():
+        for method in methods:  # every student's flags parse and make sense before any work
+            distill.check(distill.parse_args(distill_args(args, method, seeds[0], os.path.join(args.out, method, "s")))[0])
         from evaluate import check_out
         device = engine.pick_device(args.device)
         check_out(args.out)
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
         print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
     # bad input, a failed write: one line, exit 2; Ctrl-C 130 and SIGTERM 143 name the student's last checkpoint
     engine.one_line_errors(body, cleanup=lambda failed: engine.release_run(failed=failed),
-                           where=lambda: engine.last_checkpoint() if engine.PROGRESS["checkpoint"] else "",
+                           where=engine.where_stopped,
                            stream=sys.stderr)
 
 
@@ -215,7 +216,7 @@ def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[di
                                key)
     pictures = [(name, imgs) for name, imgs in images.items() if name != "teacher DDIM 2 steps"]
     only_students = lambda row: row["model"] == "student" and "w/o NC" not in row["name"]  # noqa: E731
-    for method in tqdm(methods, desc="methods", leave=False):
+    for method in tqdm(methods, desc="methods", leave=False, disable=not sys.stderr.isatty()):
         per_seed, walls = [], []
         for seed in seeds:
             out = os.path.join(args.out, method, f"seed{seed}")

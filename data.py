@@ -205,8 +205,7 @@ class CaptionFolder(Dataset):
         """The caption of image i, read now (so an edited caption is picked up)."""
         if not self.captions:
             return ""
-        with open(os.path.splitext(self.paths[i])[0] + ".txt", encoding="utf-8") as f:
-            return f.read().strip()
+        return read_text(os.path.splitext(self.paths[i])[0] + ".txt").strip()
 
     def image_fingerprint(self) -> str:
         """A short hash of the image files as they are now: each one's path in the folder, size and modification
@@ -222,10 +221,18 @@ class CaptionFolder(Dataset):
 # Prompt lists
 
 
+def read_text(path: str) -> str:
+    """A caption or prompts file as UTF-8 text; one that is not UTF-8 is one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): save it as UTF-8") from None
+
+
 def read_prompts(path: str) -> list[str]:
     """Prompts from a text file: one per line; blank lines and lines starting with '#' are skipped."""
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f]
+    prompts = [line.strip() for line in read_text(path).splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ValueError(f"no prompts in {path!r} (only blank lines or # comments)")

@@ -177,9 +177,12 @@ class ProjectedDiscriminator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "ProjectedDiscriminator":
-        """A DINOv2 (or any transformers ViT) folder or hub id, e.g. facebook/dinov2-small."""
+        """A DINOv2 (or any transformers ViT) folder or hub id, e.g. facebook/dinov2-small. A hub id is fetched (or read
+        from the cache) first, so offline it is one line at once, not transformers' retries."""
         from transformers import AutoModel
-        return cls(AutoModel.from_pretrained(path, use_safetensors=True), **kwargs)
+        from pipeline import resolve
+        folder = resolve(path, allow=["*.json", "*.txt", "*.safetensors"], what="ViT folder (--disc-vit)")
+        return cls(AutoModel.from_pretrained(folder, use_safetensors=True, local_files_only=True), **kwargs)
 
     def train(self, mode: bool = True):
         super().train(mode)

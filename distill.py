@@ -68,6 +68,12 @@ def method_of(cfg) -> str:
     return next(name for name, m in METHODS.items() if type(cfg) is m.Config)
 
 
+def check(cfg) -> None:
+    """The whole config, before anything is loaded or written: the method's fields, then the shared ones."""
+    METHODS[method_of(cfg)].validate(cfg)
+    validate_run(cfg)
+
+
 def build(cfg, dist: engine.Dist):
     """The method's Distiller for this config (teacher, student, EMA, data and the method's own networks)."""
     return METHODS[method_of(cfg)].Method(cfg, dist)
@@ -79,8 +85,8 @@ def main(argv=None) -> None:
 
 def run(cfg, preset: str, dist: engine.Dist):
     cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
-    METHODS[method_of(cfg)].validate(cfg)  # nonsense values: one line before the folder is even made
-    validate_run(cfg)
+    check(cfg)  # nonsense values: one line before the folder is even made
+    engine.start_progress(cfg.out)
     # the folder first: a second run into it stops here at once, not after minutes of loading the teacher
     lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
     distiller, method = build(cfg, dist), method_of(cfg)

@@ -152,7 +152,6 @@ def launch(run, cfg, preset: str) -> None:
     """The `main` of train.py and distill.py: processes, per-rank seed, run(cfg, preset, dist), under one_line_errors:
     bad input or a failed write ends every rank with one `error: …` line and exit code 2, Ctrl-C (130) and SIGTERM
     (143) with one line saying where the last checkpoint is."""
-    PROGRESS.update(step=0, checkpoint=None)
     held = len(_HELD)  # the folders this run claims come after these
 
     def body():
@@ -165,7 +164,7 @@ def launch(run, cfg, preset: str) -> None:
         release_run(failed=failed, since=held)
         if dist_initialized():  # no barrier: the other ranks are failing or being interrupted too
             torch.distributed.destroy_process_group()
-    one_line_errors(body, cleanup=stopped, where=lambda: f"at step {PROGRESS['step']}; {last_checkpoint()}")
+    one_line_errors(body, cleanup=stopped, where=where_stopped)
     cleanup_distributed()
 
 
@@ -207,8 +206,8 @@ def one_line_errors(body, cleanup=lambda failed: None, where=lambda: "", stream=
     except USER_ERRORS as e:
         cleanup(True)
         line = error_line(e)
-        if isinstance(e, OSError) and e.errno is not None and PROGRESS["step"]:
-            line += f"; {where()}"
+        if isinstance(e, OSError) and e.errno is not None and (PROGRESS["step"] or PROGRESS["checkpoint"]):
+            line += f"; {where()}"  # a write failed mid-run: where it was, what is safe
         print0(f"error: {line}", file=stream or sys.stdout)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -229,7 +228,19 @@ def dist_initialized() -> bool:
 
 
 # where a run is, for the one-line messages on Ctrl-C and NaN: the last logged step, the last checkpoint written/read
-PROGRESS = {"step": 0, "checkpoint": None}
+PROGRESS = {"step": 0, "checkpoint": None, "run": None}
+
+
+def start_progress(out: str | None) -> None:
+    """A training run begins (train.py, distill.py, or one of compare.py's): the one-line messages speak of it."""
+    PROGRESS.update(step=0, checkpoint=None, run=out)
+
+
+def where_stopped() -> str:
+    """Where a stopped training run was: its step and last checkpoint ("" when no run has started in this process)."""
+    if PROGRESS["run"] is None:
+        return ""
+    return f"at step {PROGRESS['step']} of {PROGRESS['run']}; {last_checkpoint()}"
 
 
 def last_checkpoint() -> str:

@@ -315,7 +315,7 @@ def ablation(args, device) -> None:
     key = {k: getattr(args, k) for k in ("n", "seed", "cfg_scale", "grid_cols", "inception", "reference")} | \
         {"teacher": teacher_fp}  # and each student's own fingerprint: rows are keyed on the U-Nets that made them
     results = []
-    for name, flags in tqdm(ABLATIONS, desc="ablation rows", leave=False):
+    for name, flags in tqdm(ABLATIONS, desc="ablation rows", leave=False, disable=not sys.stderr.isatty()):
         row_dir = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
         per_seed = []
         for seed in seeds:
@@ -388,6 +388,8 @@ def main(argv=None) -> None:
     if args.cfg_scale < 0:
         p.error(f"--cfg-scale must be ≥ 0 (1: no guidance), got {args.cfg_scale}")
 
+    engine.start_progress(None)  # no training run yet in this command
+
     def body():
         device = engine.pick_device(args.device)
         if args.ablation:
@@ -405,7 +407,7 @@ def main(argv=None) -> None:
         print(f"picture: {os.path.join(args.out, 'grid.png')}   table: {os.path.join(args.out, 'results.md')} (+ .json)")
     # bad input, a failed write: one line, exit 2; Ctrl-C 130, SIGTERM 143 (an ablation's distillation: its checkpoint)
     engine.one_line_errors(body, cleanup=lambda failed: engine.release_run(failed=failed),
-                           where=lambda: engine.last_checkpoint() if engine.PROGRESS["checkpoint"] else "",
+                           where=engine.where_stopped,
                            stream=sys.stderr)
 
 if __name__ == "__main__":

@@ -59,23 +59,26 @@ class Pipeline:
         return (self.unet.config["in_channels"], size, size)
 
 
-def resolve(path: str) -> str:
-    """A local folder, or a hub id downloaded with huggingface_hub (not possible offline: one clear line)."""
+# what a pipeline needs from a hub repo: SD-1.5's also holds 12 GB of single-file checkpoints and a safety checker
+PIPELINE_FILES = ["*.json", "*.txt", "diffusion_pytorch_model.safetensors",
+                  *(f"{p}/*" for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))]
+
+
+def resolve(path: str, allow: list[str] | None = None, what: str = "folder") -> str:
+    """A local folder, or a hub id downloaded with huggingface_hub (only the files matching `allow`; default: what a
+    pipeline needs). Offline, or for an unknown repo: one clear line at once (no minutes of retries)."""
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise ValueError(f"{path} is a file; expected a pipeline folder (unet/, scheduler/, …)")
+        raise ValueError(f"{path} is a file; expected a {what}")
     if path.count("/") != 1 or path.startswith((".", "/")):
-        raise FileNotFoundError(f"no such folder: {path}")
+        raise FileNotFoundError(f"no such {what}: {path}")
     try:
         from huggingface_hub import snapshot_download
-        # only what a pipeline needs: SD-1.5's repo also holds 12 GB of single-file checkpoints and a safety checker
-        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-        return snapshot_download(path, allow_patterns=["*.json", "*.txt", "diffusion_pytorch_model.safetensors",
-                                                       *(f"{p}/*" for p in parts)],
+        return snapshot_download(path, allow_patterns=allow or PIPELINE_FILES,
                                  ignore_patterns=["*.fp16.*", "*non_ema*", "*.ckpt", "*.bin", "*.msgpack", "*.onnx*", "*.h5"])
     except Exception as e:  # offline, unknown repo, …
-        raise FileNotFoundError(f"{path} is not a local folder and could not be downloaded from the hub: "
+        raise FileNotFoundError(f"{path} is not a local {what} and could not be downloaded from the hub: "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
@@ -110,11 +113,17 @@ def load_encoder(path: str) -> nn.Module | None:
     base = _base(path)
     for folder in (path, base):
         if os.path.isfile(os.path.join(folder, "conditioning.json")):
+            where = os.path.join(folder, "conditioning.json")
             try:
-                with open(os.path.join(folder, "conditioning.json")) as f:
-                    return load_conditioning(json.load(f))
+                with open(where) as f:
+                    config = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{os.path.join(folder, 'conditioning.json')} is not valid JSON ({e})") from None
+                raise ValueError(f"{where} is not valid JSON ({e})") from None
+            try:  # valid JSON of the wrong shape (a list, a missing or mistyped field): the file is named
+                return load_conditioning(config)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise ValueError(f"{where} does not describe a label or text encoder ({type(e).__name__}: {e}); expected "
+                                 '{"kind": "labels", "num_classes": N, "dim": D, …}') from None
         if os.path.isdir(os.path.join(folder, "text_encoder")) or os.path.isdir(os.path.join(folder, "tokenizer")):
             return TextEncoder.from_pretrained(folder)  # names the missing half in one line if only one exists
     return None

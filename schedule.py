@@ -141,7 +141,10 @@ class VPSchedule:
                         cfg = json.load(f)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise ValueError(f"{path} is not valid JSON ({e})") from None
-                return cls.from_config(cfg)
+                try:  # valid JSON of the wrong shape (a list, a mistyped field): the file is named
+                    return cls.from_config(cfg)
+                except (KeyError, TypeError, AttributeError, ValueError) as e:
+                    raise ValueError(f"{path} is not a diffusers scheduler config ({type(e).__name__}: {e})") from None
         raise FileNotFoundError(f"no scheduler/scheduler_config.json in {folder}")
 
     def save_pretrained(self, folder: str) -> None:

@@ -141,6 +141,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
 
 def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     validate(cfg)
+    engine.start_progress(cfg.out)
     cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     device = dist.device
     accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)

@@ -113,6 +113,12 @@ class Distiller:
         self.latent_shape = pipe.latent_shape()
         image_size = self.latent_shape[-1] * pipe.autoencoder.downscale  # the teacher's pixel resolution
         self.source = Source(cfg.data, toy_images=cfg.toy_images, toy_size=cfg.toy_size, seed=cfg.seed, size=image_size)
+        labels = getattr(pipe.encoder, "config", lambda: {})().get("kind") == "labels"  # the toy's label encoder
+        if labels != (cfg.data == "toy") and pipe.encoder is not None:  # prompts of a kind the teacher cannot read
+            raise ValueError(f"teacher {cfg.teacher} is conditioned on {'class labels' if labels else 'text'}, but --data "
+                             f"{cfg.data} gives {'class labels' if cfg.data == 'toy' else 'captions or prompts'}: "
+                             f"{'use --data toy' if labels else 'use an image–caption folder or a prompts file'}, or "
+                             "another teacher")
         if self.needs_images() and not self.source.has_images:
             raise ValueError(f"{cfg.data} has prompts only: this configuration needs real images "
                              "(use --disc none, or an image–caption folder)")

@@ -209,7 +209,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_temp_file(teacher, tmp_path, capsys, m
         return step(self)
     monkeypatch.setattr(imagine_flash.ImagineFlash, "train_step", interrupted)
     line = fails(capsys, fast(teacher, out, "--steps", "4", "--ckpt-every", "2"), code=130)
-    assert line == f"interrupted at step 2; the last checkpoint is {out / 'state.safetensors'} (step 2)"
+    assert line == f"interrupted at step 2 of {out}; the last checkpoint is {out / 'state.safetensors'} (step 2)"
     # Ctrl-C in the middle of writing a checkpoint: the old one stays, no temporary file is left
     good = (out / "state.safetensors").read_bytes()
     save_file = engine.save_file

@@ -271,7 +271,8 @@ class StepDistill(Distiller):
             logs["distill"] = logs.get("distill", 0.0) + loss.mean().item() / self.accum
         logs["grad_norm"] = self.update_student()  # clip, Adam, EMA: only the student steps
         self.step += 1
-        logs.update(round=ph.round, n=ph.student_steps, t=ph.student_steps)  # "t": the runner pops it
+        # round and N as ints: the log shows them as counters (the latest value), not as means; "t": the runner pops it
+        logs.update(round=ph.round, n=ph.student_steps, t=ph.student_steps)
         return logs
 
 

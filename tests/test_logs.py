@@ -1,0 +1,88 @@
+"""Logs a person can read: the training line (step/total, elapsed, ETA, columns that stay put, counters as integers),
+no progress bar in a redirected log, every evaluate.py flag with its default, and grid pictures that name their
+columns. Seconds in all, no training run."""
+import json
+import re
+
+import pytest
+import torch
+
+import engine
+
+
+class Clock:
+    """time.perf_counter under the test's control: elapsed and ETA are then exact numbers."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(engine.time, "perf_counter", c)
+    return c
+
+
+def run_logger(capsys, logger, clock, steps, terms_of, seconds_per_step=1.0):
+    """Feed logger `steps` (step → the terms that step reports), one clock second each; returns the printed lines."""
+    capsys.readouterr()
+    for step in steps:
+        clock.now += seconds_per_step
+        logger.add(**terms_of(step))
+        logger.maybe_print(step, torch.device("cpu"))
+    return capsys.readouterr().out.splitlines()
+
+
+def test_line_has_step_of_total_elapsed_and_eta_and_comes_at_step_one(capsys, clock):
+    logger = engine.Logger(125, None, total=800)
+    lines = run_logger(capsys, logger, clock, range(1, 126), lambda s: {"loss": 0.5})
+    assert len(lines) == 2  # step 1 (a redirected log shows progress at once), then every 125 steps
+    assert lines[0].startswith("step   1/800 ") and "elapsed 1s  eta 13m19s" in lines[0]  # 799 steps at 1 s
+    assert lines[1].startswith("step 125/800 ") and "elapsed 2m05s  eta 11m15s" in lines[1]  # 675 steps at 1 s
+    # a resumed run: elapsed and the time per step are this invocation's, from the step it resumed at
+    logger = engine.Logger(125, None, total=800, start=400)
+    lines = run_logger(capsys, logger, clock, range(401, 500), lambda s: {"loss": 0.5}, seconds_per_step=2.0)
+    assert lines == [lines[0]] and lines[0].startswith("step 401/800 ") and "elapsed 2s  eta 13m18s" in lines[0]
+
+
+def test_a_term_missing_from_an_interval_keeps_every_column_in_place(capsys, clock, tmp_path):
+    # DMD2's shape: the fake score's loss every step, the generator's every third; per-timestep terms arriving late
+    def terms(step):
+        t = {"fake": 0.25}
+        if step % 3 == 0:
+            t["gen"] = 0.5
+        t[f"recon@{333 if step < 3 else 999}"] = 0.125
+        t["grad_norm"] = 1.0
+        return t
+    log = tmp_path / "log.jsonl"
+    lines = run_logger(capsys, engine.Logger(1, str(log), total=4), clock, range(1, 5), terms)
+    first, second, third, fourth = lines  # step 1: no gen, recon@333; step 3: gen and recon@999 appear (appended)
+    for name in ("fake", "recon@333", "grad_norm"):
+        assert first.index(name) == second.index(name) == third.index(name) == fourth.index(name), name
+    assert third.index("gen") == fourth.index("gen") and third.index("recon@999") == fourth.index("recon@999")
+    # step 4 lacks gen and recon@333: their columns show "-", the next column starts where it did
+    assert re.search(r"recon@333 +- +gen +- +recon@999", fourth)
+    assert fourth.index("ms/it") == third.index("ms/it")
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert "gen" not in recs[3] and recs[2]["gen"] == 0.5  # the JSON keeps only what the interval had
+    assert all(r["elapsed_s"] == pytest.approx(i + 1) for i, r in enumerate(recs))
+    assert list(recs[0]) == ["step", "fake", "grad_norm", "recon@333", "ms_per_it", "mem_gb", "elapsed_s"]
+
+
+def test_counters_print_as_integers_with_their_latest_value(capsys, clock, tmp_path):
+    # step distillation's round and N change within an interval: the line says where the run is now
+    phases = {1: (0, 8), 2: (0, 8), 3: (1, 4), 4: (1, 4), 5: (2, 2), 6: (2, 2)}
+    log = tmp_path / "log.jsonl"
+    lines = run_logger(capsys, engine.Logger(3, str(log), total=6), clock, range(1, 7),
+                       lambda s: {"distill": 0.5 * s, "round": phases[s][0], "n": phases[s][1]})
+    assert re.search(r"distill +0\.50000  round +0  n +8 ", lines[0])
+    assert re.search(r"distill +1\.25000  round +1  n +4 ", lines[1])  # steps 2–3: losses averaged, counters latest
+    assert re.search(r"distill +2\.50000  round +2  n +2 ", lines[2])
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["round"], r["n"]) for r in recs] == [(0, 8), (1, 4), (2, 2)]
+    assert all(type(r["round"]) is int and type(r["n"]) is int for r in recs)
+    assert recs[1]["distill"] == pytest.approx(1.25)

@@ -86,3 +86,33 @@ def test_counters_print_as_integers_with_their_latest_value(capsys, clock, tmp_p
     assert [(r["round"], r["n"]) for r in recs] == [(0, 8), (1, 4), (2, 2)]
     assert all(type(r["round"]) is int and type(r["n"]) is int for r in recs)
     assert recs[1]["distill"] == pytest.approx(1.25)
+
+
+def test_toy_classifier_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    import metrics
+    seen = []
+
+    class Spy:  # stands in for tqdm: records whether the bar would be drawn
+        def __init__(self, iterable, **kw):
+            seen.append(kw["disable"])
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, **kw):
+            pass
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(metrics, "tqdm", Spy)
+    small = dict(size=8, n_train=64, steps=2, batch_size=8, width=8)
+    metrics.train_toy_classifier(**small)  # under pytest stderr is not a terminal, as in `evaluate.py > log 2>&1`
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    metrics.train_toy_classifier(**small)
+    assert seen == [True, False]

@@ -320,29 +320,37 @@ def distill_dist(device):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Evaluate teacher vs distilled student: grid picture + table "
                                             "(Markdown and JSON).")
-    p.add_argument("--teacher", default="runs/toy/teacher", help="teacher pipeline folder")
-    p.add_argument("--student", default="runs/toy/student/student", help="student pipeline folder ('' for teacher rows only)")
-    p.add_argument("--out", default="runs/toy/eval", help="output folder for grid.png, results.md, results.json")
-    p.add_argument("--n", type=int, default=1000, help="samples per method")
-    p.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="teacher guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
-    p.add_argument("--grid-cols", type=int, default=12, help="columns of the grid picture")
-    p.add_argument("--inception", default=None, help="Inception-v3 weights file, or 'download', for FID")
-    p.add_argument("--reference", default=None, help="folder of real images for FID (toy: generated)")
+    # "(default: %(default)s)": argparse fills in the real value, so the help cannot drift from the code
+    p.add_argument("--teacher", default="runs/toy/teacher", help="teacher pipeline folder (default: %(default)s)")
+    p.add_argument("--student", default="runs/toy/student/student",
+                   help="student pipeline folder, '' for teacher rows only (default: %(default)s)")
+    p.add_argument("--out", default="runs/toy/eval",
+                   help="output folder for grid.png, results.md, results.json (default: %(default)s)")
+    p.add_argument("--n", type=int, default=1000, help="samples per method (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default: %(default)s)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="teacher guidance scale (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared noise (default: %(default)s)")
+    p.add_argument("--grid-cols", type=int, default=12, help="columns of the grid picture (default: %(default)s)")
+    p.add_argument("--inception", default=None,
+                   help="Inception-v3 weights file, or 'download', for FID (default: none, no FID column)")
+    p.add_argument("--reference", default=None,
+                   help="folder of real images for FID (default: none; toy data: generated real images)")
     p.add_argument("--fid", default="", choices=["", "torch-fidelity"],
                    help="torch-fidelity: also the standard FID of published tables (TF-Inception weights, column fid_tf; "
-                        "pip install -r requirements-eval.txt)")
+                        "pip install -r requirements-eval.txt) (default: off)")
     p.add_argument("--fid-weights", default=None, help="local copy of torch-fidelity's pt_inception-2015-12-05 weights "
                                                        "(default: downloaded once)")
-    p.add_argument("--clip", default=None, help="CLIP model folder or hub id for the CLIP score")
-    p.add_argument("--prompts", default=None, help="prompts file for a text-conditioned teacher")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--ablation", action="store_true", help="distill and evaluate the paper's Table 3 rows")
+    p.add_argument("--clip", default=None,
+                   help="CLIP model folder or hub id for the CLIP score (default: none, no CLIP column)")
+    p.add_argument("--prompts", default=None,
+                   help="prompts file for a text-conditioned teacher, one per line (default: none)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    p.add_argument("--ablation", action="store_true",
+                   help="distill and evaluate the paper's Table 3 rows (default: off)")
     p.add_argument("--ablation-seeds", default="0,1,2", help="(with --ablation) distillation seeds per row, "
-                                                             "comma-separated (default: 0,1,2)")
+                                                             "comma-separated (default: %(default)s)")
     p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
-                   help="(with --ablation) extra distill.py flags, e.g. --steps 300; must come last")
+                   help="(with --ablation) extra distill.py flags, e.g. --steps 300; must come last (default: none)")
     args = p.parse_args(argv)
     if args.n < 2 or args.batch_size < 1 or args.grid_cols < 1:
         p.error(f"--n must be ≥ 2 (a covariance needs two samples), --batch-size and --grid-cols ≥ 1; "

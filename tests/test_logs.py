@@ -116,3 +116,32 @@ def test_toy_classifier_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Terminal())
     metrics.train_toy_classifier(**small)
     assert seen == [True, False]
+
+
+def test_evaluate_help_shows_every_default(monkeypatch, capsys):
+    import argparse
+
+    import evaluate
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option: no value broken at a hyphen
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    shown = capsys.readouterr().out
+    # one block per option: its flag line and the help lines indented under it
+    blocks = re.split(r"\n(?=  -)", shown.split("options:\n", 1)[1])
+    flags = [b.split()[0].rstrip(",") for b in blocks]
+    assert len(blocks) > 15 and flags[0] == "-h"
+    for block in blocks[1:]:
+        assert "(default:" in block, block
+    # and the value shown is the one the parser uses: the parser, caught as main() reads the command line
+    parsers = []
+
+    def catch(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(SystemExit):
+        evaluate.main([])
+    for action in parsers[0]._actions:
+        if action.default not in (None, "", [], False, argparse.SUPPRESS):
+            block = next(b for b in blocks if b.split()[0].rstrip(",") in action.option_strings)
+            assert f"(default: {action.default})" in block, block

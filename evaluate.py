@@ -13,8 +13,8 @@ Columns of the table: NFE (a CFG step counts 2), seconds per image, and quality:
   --clip MODEL:        CLIP score (text-to-image)
   always:    mean colour saturation and contrast (noise correction shows there)
 
-  python evaluate.py --teacher runs/toy/teacher --student runs/toy/student --out runs/toy/eval
-  python evaluate.py --ablation --teacher runs/toy/teacher --out runs/toy/ablation   (Table 3 at toy scale)
+  python evaluate.py --teacher runs/demo/teacher --student runs/demo/distill/student --out runs/demo/eval
+  python evaluate.py --ablation --teacher runs/demo/teacher --out runs/ablation   (Table 3 at toy scale)
 """
 import argparse
 import json
@@ -321,10 +321,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Evaluate teacher vs distilled student: grid picture + table "
                                             "(Markdown and JSON).")
     # "(default: %(default)s)": argparse fills in the real value, so the help cannot drift from the code
-    p.add_argument("--teacher", default="runs/toy/teacher", help="teacher pipeline folder (default: %(default)s)")
-    p.add_argument("--student", default="runs/toy/student/student",
+    p.add_argument("--teacher", default="runs/demo/teacher", help="teacher pipeline folder (default: %(default)s)")
+    p.add_argument("--student", default="runs/demo/distill/student",
                    help="student pipeline folder, '' for teacher rows only (default: %(default)s)")
-    p.add_argument("--out", default="runs/toy/eval",
+    p.add_argument("--out", default="runs/demo/eval",
                    help="output folder for grid.png, results.md, results.json (default: %(default)s)")
     p.add_argument("--n", type=int, default=1000, help="samples per method (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default: %(default)s)")

@@ -145,3 +145,37 @@ def test_evaluate_help_shows_every_default(monkeypatch, capsys):
         if action.default not in (None, "", [], False, argparse.SUPPRESS):
             block = next(b for b in blocks if b.split()[0].rstrip(",") in action.option_strings)
             assert f"(default: {action.default})" in block, block
+
+
+def test_script_defaults_are_the_demo_paths_of_the_readme(monkeypatch):
+    import argparse
+    import os
+    import shlex
+
+    import distill
+    import evaluate
+    import train
+    from methods import METHODS
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = readme.split("```bash\npython train.py    --preset toy", 1)[1].split("```", 1)[0]
+    flags = {}  # script → {flag: value} of the README's three demo commands
+    for line in ("python train.py    --preset toy" + block).strip().splitlines():
+        words = shlex.split(line)
+        flags[words[1]] = dict(zip(words[2::2], words[3::2]))
+    assert train.parse_args([])[0].out == flags["train.py"]["--out"] == "runs/demo/teacher"
+    cfg = distill.parse_args([])[0]
+    assert (cfg.teacher, cfg.out) == (flags["distill.py"]["--teacher"], flags["distill.py"]["--out"])
+    for method in METHODS:  # each method's toy student in its own folder, as the README's dmd2 example
+        cfg = distill.parse_args(["--method", method])[0]
+        assert cfg.teacher == "runs/demo/teacher" and cfg.out == ("runs/demo/distill" if method == "imagine_flash"
+                                                                  else f"runs/demo/{method}"), method
+    parsers = []
+
+    def catch(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(SystemExit):
+        evaluate.main([])
+    defaults = {a.option_strings[0]: a.default for a in parsers[0]._actions}
+    assert {k: defaults[k] for k in flags["evaluate.py"]} == flags["evaluate.py"]

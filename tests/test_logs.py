@@ -179,3 +179,49 @@ def test_script_defaults_are_the_demo_paths_of_the_readme(monkeypatch):
         evaluate.main([])
     defaults = {a.option_strings[0]: a.default for a in parsers[0]._actions}
     assert {k: defaults[k] for k in flags["evaluate.py"]} == flags["evaluate.py"]
+
+
+def test_grid_picture_names_its_columns(tmp_path):
+    from PIL import Image
+
+    import evaluate
+    g = torch.Generator().manual_seed(0)
+    rows = [(f"row {i}", torch.rand(3, 3, 16, 16, generator=g) * 2 - 1) for i in range(2)]
+    evaluate.save_grid_picture(rows, str(tmp_path / "plain.png"))
+    evaluate.save_grid_picture(rows, str(tmp_path / "short.png"), ["red circle", "blue plus", "green square"])
+    long = "a photo of an astronaut riding a horse on the moon, highly detailed, trending on artstation"
+    evaluate.save_grid_picture(rows, str(tmp_path / "long.png"), [long, "a cat", "a dog"])
+    plain, short, tall = (Image.open(tmp_path / f).convert("L") for f in ("plain.png", "short.png", "long.png"))
+    assert plain.width == short.width == tall.width  # labels above the columns, not beside them
+    assert plain.height < short.height < tall.height  # one line of text; the long prompt wrapped (and cut) to three
+    band = short.height - plain.height
+    for c in range(3):  # ink above each column: 190 px of row names, then 64 px cells and 2 px gaps
+        x = 190 + c * 66
+        assert short.crop((x, 0, x + 64, band)).getextrema()[0] < 128, c
+    measure = lambda s: 6.0 * len(s)  # noqa: E731  a font of 6 px per character
+    lines = evaluate.fit_label(long, 62, measure)
+    assert len(lines) == 3 and lines[-1].endswith("...") and all(measure(x) <= 62 for x in lines)
+
+
+def test_column_labels_are_the_prompts_evaluate_used(teacher, tmp_path, monkeypatch):
+    import evaluate
+    from data import TOY_CLASSES
+    used, drawn = [], []
+
+    def generate(pipe, row, x_T, prompts, batch_size, device):  # no sampling: the prompts are what is checked
+        used.append(prompts)
+        return torch.zeros(len(x_T), 3, *x_T.shape[-2:]), 0.0
+    monkeypatch.setattr(evaluate, "generate", generate)
+    monkeypatch.setattr(evaluate, "ToyJudge", lambda size, cache: lambda images, labels: {})
+    monkeypatch.setattr(evaluate, "save_grid_picture", lambda rows, path, labels=None: drawn.append(labels))
+    evaluate.evaluate(teacher, None, str(tmp_path), 16, 16, 2.0, 0, None, None, None, None, 14, torch.device("cpu"))
+    assert drawn[0] == [TOY_CLASSES[k] for k in used[0][:14].tolist()]
+    assert drawn[0][12:] == TOY_CLASSES[:2]  # 14 columns, 12 classes: the labels cycle as the prompts do
+
+    class Text:  # a text encoder's config, with a prompts file
+        def config(self):
+            return {"kind": "text"}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n# a comment\na dog\n")
+    assert evaluate.column_labels(Text(), str(prompts), 3) == ["a cat", "a dog", "a cat"]
+    assert evaluate.column_labels(None, None, 3) is None

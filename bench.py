@@ -394,7 +394,7 @@ def bench_distill(b, tmp: str) -> list:
 # 4. scaling: processes on CPU, projection to GPUs -------------------------------------------------------------------
 def distill_run(teacher: str, out: str, procs: int, global_batch: int, steps: int, log_every: int) -> dict:
     """distill.py's toy preset in a subprocess (torchrun for procs > 1), one thread per process; ms/it from its
-    log.jsonl, without the first log line (start-up, first-call allocations)."""
+    log.jsonl, without the first log line (step 1: start-up, first-call allocations)."""
     launcher = [sys.executable] + ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] * (procs > 1)
     args = ["distill.py", "--preset", "toy", "--teacher", teacher, "--out", out, "--device", "cpu", "--global-batch",
             str(global_batch), "--micro-batch", str(global_batch // procs), "--steps", str(steps), "--log-every",
@@ -461,8 +461,8 @@ def bench_scaling(b, tmp: str) -> list:
                     "projected GPU-h": s_it * cfg.steps * gpus / 3600, "steps": cfg.steps}
         projection.append(row)
     return [table("4. Scaling: distill.py toy preset on CPU, 1 vs 2 processes (torchrun, gloo)", list(rows[0]), rows,
-                  [f"same global batch {batch}; {steps} steps, ms/it read from log.jsonl (first log line of {every} "
-                   "step(s) dropped as warm-up); OMP_NUM_THREADS=1 per process",
+                  [f"same global batch {batch}; {steps} steps, ms/it read from log.jsonl (log every {every} step(s); "
+                   "the first line, step 1, dropped as warm-up); OMP_NUM_THREADS=1 per process",
                    f"{os.cpu_count()} logical CPUs here: with other jobs running, 2 processes compete for them"]),
             table("4b. Projected per-GPU cost (FLOP model, NOT measured)",
                   list(projection[0])[:8] + ["GPUs × samples/GPU", "projected s/it", "steps", "projected GPU-h",

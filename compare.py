@@ -170,7 +170,10 @@ def main(argv=None) -> None:
                   + (f"{args.minutes:g} min of distillation per student" if args.minutes > 0 else "each preset's steps")
                   + (f", distill.py {' '.join(args.distill_args)}" if args.distill_args else ""))
         print(table(rows, os.path.join(args.out, "compare.md"), header))
-        save_grid_picture(pictures, os.path.join(args.out, "compare.png"))
+        from evaluate import column_labels
+        from pipeline import load_encoder
+        labels = column_labels(load_encoder(args.teacher), args.prompts, min(args.grid_cols, args.n))  # evaluate()'s prompts
+        save_grid_picture(pictures, os.path.join(args.out, "compare.png"), labels)
         print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
     # bad input, a failed write: one line, exit 2; Ctrl-C 130 and SIGTERM 143 name the student's last checkpoint
     engine.one_line_errors(body, cleanup=lambda failed: engine.release_run(failed=failed),

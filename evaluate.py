@@ -13,8 +13,8 @@ Columns of the table: NFE (a CFG step counts 2), seconds per image, and quality:
   --clip MODEL:        CLIP score (text-to-image)
   always:    mean colour saturation and contrast (noise correction shows there)
 
-  python evaluate.py --teacher runs/toy/teacher --student runs/toy/student --out runs/toy/eval
-  python evaluate.py --ablation --teacher runs/toy/teacher --out runs/toy/ablation   (Table 3 at toy scale)
+  python evaluate.py --teacher runs/demo/teacher --student runs/demo/distill/student --out runs/demo/eval
+  python evaluate.py --ablation --teacher runs/demo/teacher --out runs/ablation   (Table 3 at toy scale)
 """
 import argparse
 import json
@@ -128,8 +128,48 @@ class ToyJudge:
                 "label_acc": label_accuracy(self.classifier, images, labels)}
 
 
-def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str) -> None:
-    """Rows = methods, columns = the same seeds and prompts, the method's name left of each row. Small
+def column_labels(encoder, prompts_file: str | None, cols: int) -> list[str] | None:
+    """What the grid's first `cols` columns were prompted with, as text: evaluate()'s prompts (toy: the labels cycling
+    over the classes, named by the label encoder; text: the prompts file's lines, cycling); None when unconditional.
+    From the encoder and the file rather than the prompts themselves, so that compare.py, which has the teacher's
+    folder but not evaluate()'s prompts, labels its picture alike."""
+    if encoder is None:
+        return None
+    if encoder.config().get("kind") == "labels":
+        names = encoder.class_names  # None for a label encoder saved without names: their numbers then
+        return [names[i % encoder.num_classes] if names else f"class {i % encoder.num_classes}" for i in range(cols)]
+    if not prompts_file:
+        return None
+    from data import read_prompts
+    lines = read_prompts(prompts_file)
+    return [lines[i % len(lines)] for i in range(cols)]
+
+
+def fit_label(text: str, width: float, measure, max_lines: int = 3) -> list[str]:
+    """`text` in lines no wider than `width` pixels (measure: text → pixels), whole words while they fit; past
+    `max_lines`, or in a word wider than the column, cut with "..." (the picture stays one column per sample)."""
+    lines = []
+    for word in text.split():
+        if lines and measure(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    lines = lines or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += "..."
+    for i, line in enumerate(lines):
+        if measure(line) > width:
+            line = line.removesuffix("...")
+            while line and measure(line + "...") > width:
+                line = line[:-1]
+            lines[i] = line + "..."
+    return lines
+
+
+def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str, labels: list[str] | None = None) -> None:
+    """Rows = methods, columns = the same seeds and prompts, the method's name left of each row and, given `labels`,
+    each column's class name or prompt above it (PIL's default font, wrapped to the column, long ones cut). Small
     images are upscaled (nearest) so 16×16 is visible; large ones are shown at 128 px."""
     from PIL import Image, ImageDraw
     size = rows[0][1].shape[-1]
@@ -139,11 +179,18 @@ def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str) -> None:
     scale = max(1, 64 // size)
     cell = size * scale
     cols = rows[0][1].shape[0]
-    label_w, pad = 190, 2
-    canvas = Image.new("RGB", (label_w + cols * (cell + pad), len(rows) * (cell + pad)), "white")
+    label_w, pad, line_h = 190, 2, 12  # line_h: PIL's default font is 10–11 px high
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    # cell − pad wide: neighbouring labels never touch
+    heads = [fit_label(str(text), cell - pad, measure) for text in labels[:cols]] if labels else []
+    top = max(map(len, heads)) * line_h + 2 * pad if heads else 0  # the column labels' band, as tall as the longest
+    canvas = Image.new("RGB", (label_w + cols * (cell + pad), top + len(rows) * (cell + pad)), "white")
     draw = ImageDraw.Draw(canvas)
+    for c, head in enumerate(heads):
+        for i, line in enumerate(head):
+            draw.text((label_w + c * (cell + pad), pad + i * line_h), line, fill="black")
     for r, (name, imgs) in enumerate(rows):
-        y = r * (cell + pad)
+        y = top + r * (cell + pad)
         draw.text((4, y + cell // 2 - 6), name, fill="black")
         up = F.interpolate(imgs.float(), scale_factor=scale, mode="nearest") if scale > 1 else imgs
         for c, img in enumerate(up):
@@ -256,7 +303,7 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
             images_out[row["name"]] = images[:grid_cols]
         tqdm.write(f"  {row['name']:<28} " + "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)))
     os.makedirs(out, exist_ok=True)
-    save_grid_picture(grid, os.path.join(out, "grid.png"))
+    save_grid_picture(grid, os.path.join(out, "grid.png"), column_labels(teacher.encoder, prompts_file, min(grid_cols, n)))
     return results
 
 
@@ -356,29 +403,37 @@ def distill_dist(device):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Evaluate teacher vs distilled student: grid picture + table "
                                             "(Markdown and JSON).")
-    p.add_argument("--teacher", default="runs/toy/teacher", help="teacher pipeline folder")
-    p.add_argument("--student", default="runs/toy/student/student", help="student pipeline folder ('' for teacher rows only)")
-    p.add_argument("--out", default="runs/toy/eval", help="output folder for grid.png, results.md, results.json")
-    p.add_argument("--n", type=int, default=1000, help="samples per method")
-    p.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="teacher guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
-    p.add_argument("--grid-cols", type=int, default=12, help="columns of the grid picture")
-    p.add_argument("--inception", default=None, help="Inception-v3 weights file, or 'download', for FID")
-    p.add_argument("--reference", default=None, help="folder of real images for FID (toy: generated)")
+    # "(default: %(default)s)": argparse fills in the real value, so the help cannot drift from the code
+    p.add_argument("--teacher", default="runs/demo/teacher", help="teacher pipeline folder (default: %(default)s)")
+    p.add_argument("--student", default="runs/demo/distill/student",
+                   help="student pipeline folder, '' for teacher rows only (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo/eval",
+                   help="output folder for grid.png, results.md, results.json (default: %(default)s)")
+    p.add_argument("--n", type=int, default=1000, help="samples per method (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default: %(default)s)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="teacher guidance scale (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared noise (default: %(default)s)")
+    p.add_argument("--grid-cols", type=int, default=12, help="columns of the grid picture (default: %(default)s)")
+    p.add_argument("--inception", default=None,
+                   help="Inception-v3 weights file, or 'download', for FID (default: none, no FID column)")
+    p.add_argument("--reference", default=None,
+                   help="folder of real images for FID (default: none; toy data: generated real images)")
     p.add_argument("--fid", default="", choices=["", "torch-fidelity"],
                    help="torch-fidelity: also the standard FID of published tables (TF-Inception weights, column fid_tf; "
-                        "pip install -r requirements-eval.txt)")
+                        "pip install -r requirements-eval.txt) (default: off)")
     p.add_argument("--fid-weights", default=None, help="local copy of torch-fidelity's pt_inception-2015-12-05 weights "
                                                        "(default: downloaded once)")
-    p.add_argument("--clip", default=None, help="CLIP model folder or hub id for the CLIP score")
-    p.add_argument("--prompts", default=None, help="prompts file for a text-conditioned teacher")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--ablation", action="store_true", help="distill and evaluate the paper's Table 3 rows")
+    p.add_argument("--clip", default=None,
+                   help="CLIP model folder or hub id for the CLIP score (default: none, no CLIP column)")
+    p.add_argument("--prompts", default=None,
+                   help="prompts file for a text-conditioned teacher, one per line (default: none)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    p.add_argument("--ablation", action="store_true",
+                   help="distill and evaluate the paper's Table 3 rows (default: off)")
     p.add_argument("--ablation-seeds", default="0,1,2", help="(with --ablation) distillation seeds per row, "
-                                                             "comma-separated (default: 0,1,2)")
+                                                             "comma-separated (default: %(default)s)")
     p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
-                   help="(with --ablation) extra distill.py flags, e.g. --steps 300; must come last")
+                   help="(with --ablation) extra distill.py flags, e.g. --steps 300; must come last (default: none)")
     args = p.parse_args(argv)
     if args.n < 2 or args.batch_size < 1 or args.grid_cols < 1:
         p.error(f"--n must be ≥ 2 (a covariance needs two samples), --batch-size and --grid-cols ≥ 1; "

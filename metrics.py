@@ -16,6 +16,7 @@ All image inputs are float tensors (B, 3, H, W) in [-1, 1], the range the sample
 import functools
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -253,7 +254,8 @@ def train_toy_classifier(
     torch.set_num_threads(1)
     t0 = time.time()
     try:
-        bar = tqdm(range(steps), desc="toy classifier", disable=not progress)
+        # a bar on a terminal only, as engine.progress_bar: in a redirected log its carriage returns glue lines together
+        bar = tqdm(range(steps), desc="toy classifier", disable=not progress or not sys.stderr.isatty())
         for _ in bar:
             idx = torch.randint(n_train, (batch_size,), generator=g)
             loss = F.cross_entropy(classifier(images[idx]), labels[idx])

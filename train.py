@@ -42,7 +42,7 @@ class TrainConfig:
     text_encoder: str = arg("", "frozen transformers text encoder (folder, hub id, or a diffusers folder with "
                                 "text_encoder/ + tokenizer/) for caption data; copied into the teacher")
     image_size: int = arg(0, "image size in pixels (0: the U-Net config's sample_size)")
-    out: str = arg("runs/toy/teacher", "output folder (the teacher pipeline)")
+    out: str = arg("runs/demo/teacher", "output folder (the teacher pipeline)")
     steps: int = arg(2500, "training iterations")
     global_batch: int = arg(128, "samples per iteration over all processes")
     micro_batch: int = arg(128, "samples per forward per process")

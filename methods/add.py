@@ -58,7 +58,7 @@ PRESETS = {
     # (the adversarial gradient grows as D learns, so the early 0.2 / 0.1 rows understate it). The loss VALUES say
     # little: λ L_distill ≈ 0.03–0.3 and the hinge −D(x̂_θ) ≈ ±0.1–0.6. 0.2 chosen; its effect on FD is not measured.
     "toy": Config(timesteps=(999, 750, 500, 250), lr=1e-4, lr_disc=1e-4, steps=800, global_batch=16, micro_batch=16,
-                  cfg_scale=2.0, lambda_distill=2.5, lambda_adv=0.2, ckpt_every=200),
+                  cfg_scale=2.0, lambda_distill=2.5, lambda_adv=0.2, ckpt_every=200, out="runs/demo/add"),
     # NOT measured: guesses that mirror imagine_flash's cifar10 preset. The paper's discriminator (projected, frozen
     # DINOv2 ViT-S on pixels, R1 1e-5); unconditional teacher: no CFG; λ_adv the toy's.
     "cifar10": Config(teacher="google/ddpm-cifar10-32", data="cifar10:data/cifar10", out="runs/cifar10/add",

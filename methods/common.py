@@ -29,10 +29,10 @@ from schedule import VPSchedule
 
 @dataclass
 class RunConfig:
-    teacher: str = arg("runs/toy/teacher", "pipeline folder (train.py output, diffusers folder) or hub id")
+    teacher: str = arg("runs/demo/teacher", "pipeline folder (train.py output, diffusers folder) or hub id")
     data: str = arg("toy", "toy | cifar10:<root> | image–caption folder | prompts .txt (no real images)")
     latent_cache: str = arg("", "safetensors file of the caption folder's VAE latents (encoded once, then reused)")
-    out: str = arg("runs/toy/student", "output folder (student/, state.safetensors, samples/, log.jsonl)")
+    out: str = arg("runs/demo/distill", "output folder (student/, state.safetensors, samples/, log.jsonl)")
     steps: int = arg(600, "training iterations")
     time_budget: float = arg(0.0, "minutes of distillation wall time, then stop, checkpoint and export (0: no limit; "
                                   "compare.py gives every method the same)")

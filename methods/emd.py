@@ -65,7 +65,7 @@ PRESETS = {
     # steps 1200: a guess at the wall time of dmd2's 1500 (a θ iteration costs ~K + 1 DMD iterations); not timed: the
     # shared 2-core machine gave 2.5–17 s/it for the same command.
     "toy": Config(lr=5e-5, lr_fake=5e-5, global_batch=32, micro_batch=32, ratio=3, first_t=600, langevin_steps=2, step_eps=0.1, step_z=0.01, cfg_scale=2.0, steps=1200, ema_decay=0.99,
-                  ckpt_every=200, log_every=25),
+                  ckpt_every=200, log_every=25, out="runs/demo/emd"),
     # Guesses, untested: the DDPM-CIFAR10 teacher (unconditional, no CFG) and SD-1.5, with imagine_flash's teacher/data/out
     # /batch fields; lr as DMD2 reports for its 1-step models (2e-6 for SDXL, 2e-6…5e-6 for ImageNet), K from the
     # paper's order of magnitude as we remember it (a few to ~10 steps), t2i first_t 399 (DMD2's 1-step SDXL).

@@ -65,7 +65,7 @@ PRESETS = {
     # are the brief's choices, w = 2 the other methods' toy CFG; the rest is LCM's (skip 20, μ = 0.95, Huber).
     # Measured only this: 60 iterations (1.5 min, ~0.8–1.4 s/it on one shared core) took the loss from 1.07 (mean of
     # iterations 1–10) to 0.31–0.35 (40–60); 1,500 iterations are ~20–35 min on CPU (compare.py's --minutes caps it).
-    "toy": Config(out="runs/toy/lcm", lr=1e-4, steps=1500, global_batch=32,
+    "toy": Config(out="runs/demo/lcm", lr=1e-4, steps=1500, global_batch=32,
                   micro_batch=32, cfg_scale=2.0, ckpt_every=250),
     # NOT measured: guesses mirroring imagine_flash's cifar10 preset. Unconditional teacher: no CFG. Linear β.
     "cifar10": Config(teacher="google/ddpm-cifar10-32", data="cifar10:data/cifar10", out="runs/cifar10/lcm",

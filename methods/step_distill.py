@@ -69,7 +69,7 @@ PRESETS = {
     # forward/backward), about 9–10 minutes in all. lr 1e-4 follows imagine_flash's toy preset; stage1 / per-round
     # lengths, start 16 and final 4 were chosen WITHOUT measuring quality (a short check only: the loss falls).
     "toy": Config(stage1_steps=200, start_steps=16, final_steps=4, steps_per_round=200, steps=600, lr=1e-4,
-                  global_batch=32, micro_batch=32, cfg_scale=2.0, ckpt_every=100),
+                  global_batch=32, micro_batch=32, cfg_scale=2.0, ckpt_every=100, out="runs/demo/step_distill"),
     # NOT measured: guesses mirroring imagine_flash's cifar10 preset. Unconditional teacher: no CFG, so no stage 1.
     # 64 → 4 steps in 4 rounds of 5k iterations (Salimans & Ho train far longer per round).
     "cifar10": Config(teacher="google/ddpm-cifar10-32", data="cifar10:data/cifar10", out="runs/cifar10/step_distill",
@@ -281,7 +281,8 @@ class StepDistill(Distiller):
             logs["distill"] = logs.get("distill", 0.0) + loss.mean().item() / self.accum
         logs["grad_norm"] = self.update_student()  # clip, Adam, EMA: only the student steps
         self.step += 1
-        logs.update(round=ph.round, n=ph.student_steps, t=ph.student_steps)  # "t": the runner pops it
+        # round and N as ints: the log shows them as counters (the latest value), not as means; "t": the runner pops it
+        logs.update(round=ph.round, n=ph.student_steps, t=ph.student_steps)
         return logs
 
 

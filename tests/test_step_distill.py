@@ -293,6 +293,7 @@ def test_cli_smoke_run(teacher, tmp_path):
     assert [r["name"] for r in methods(2.0, spec) if r["model"] == "student"] == ["student 4 steps"]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["n"] for r in logs] == [8, 4, 4] and all(r["distill"] > 0 for r in logs)
+    assert all(type(r["n"]) is int and type(r["round"]) is int for r in logs)  # counters, not means of them
     student, state = load_pipeline(str(out / "student")), load_file(str(out / "state.safetensors"))
     for k, v in student.unet.state_dict().items():  # the export is the EMA of the student
         assert torch.equal(v, state["ema." + k]), k

@@ -123,6 +123,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--cond-drop must be a probability in [0, 1], got {cfg.cond_drop}")
     if cfg.warmup < 0 or cfg.image_size < 0:
         raise ValueError(f"--warmup and --image-size must be ≥ 0, got {cfg.warmup} and {cfg.image_size}")
+    captions = cfg.data != "toy" and not cfg.data.startswith("cifar10")
+    if captions and not cfg.text_encoder:
+        raise ValueError(f"caption data {cfg.data} needs --text-encoder (a transformers text encoder folder or hub id)")
+    if cfg.text_encoder and not captions:
+        raise ValueError(f"--text-encoder needs an image–caption folder as --data, got {cfg.data!r}")
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, str]:
@@ -142,15 +147,12 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
 def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     validate(cfg)
     engine.start_progress(cfg.out)
+    # the folder first: a second run into it stops here at once, not after the text encoder and data are loaded
+    lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
     cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     device = dist.device
     accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
     schedule = VPSchedule(cfg.schedule)
-    captions = cfg.data != "toy" and not cfg.data.startswith("cifar10")
-    if captions and not cfg.text_encoder:
-        raise ValueError(f"caption data {cfg.data} needs --text-encoder (a transformers text encoder folder or hub id)")
-    if cfg.text_encoder and not captions:
-        raise ValueError(f"--text-encoder needs an image–caption folder as --data, got {cfg.data!r}")
     # a frozen text encoder (captions → (B, L, D) tokens); its width D sets the U-Net's cross-attention
     encoder = TextEncoder.from_pretrained(cfg.text_encoder).to(device) if cfg.text_encoder else None
     overrides = {"sample_size": cfg.image_size} if cfg.image_size else {}
@@ -170,7 +172,6 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     model_ddp = DDP(model) if dist.world > 1 else model
 
-    lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
     state_path = os.path.join(cfg.out, "state.safetensors")
     step = 0
     resume = engine.resume_path(cfg.out, cfg.resume)

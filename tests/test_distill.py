@@ -340,10 +340,10 @@ def test_cli_flags_map_to_the_config():
     # the toy preset uses the plain Eq. 7 target (see its comment); the Config default is the paper's SRL
     assert cfg.backward and cfg.noise_correction and cfg.recon == "plain" and cfg.disc == "unet"
     assert imagine_flash.Config().recon == "srl"
-    cfg, _ = distill.parse_args(["--recon", "none", "--no-backward", "--no-noise-correction", "--disc", "none",
+    cfg, _ = distill.parse_args(["--recon", "srl", "--no-backward", "--no-noise-correction", "--disc", "none",
                                  "--timesteps", "999,666", "--gamma", "900:990,-1:200", "--lr", "1e-3", "--k", "4",
                                  "--adam-betas", "0.5,0.9"])
-    assert (cfg.recon, cfg.backward, cfg.noise_correction, cfg.disc) == ("none", False, False, "none")
+    assert (cfg.recon, cfg.backward, cfg.noise_correction, cfg.disc) == ("srl", False, False, "none")
     assert cfg.timesteps == (999, 666) and cfg.gamma == ((900, 990), (-1, 200)) and cfg.lr == 1e-3 and cfg.k == 4
     assert cfg.adam_betas == (0.5, 0.9)
     assert distill.parse_args(["--no-disc"])[0].disc == "none"  # the name for "--disc none"

@@ -199,6 +199,8 @@ def test_a_flag_the_configuration_ignores_is_refused(teacher, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("main,flags,expect", [
     (evaluate.main, ["--device", "foo"], "--device must be auto, cpu or cuda"),
+    pytest.param(evaluate.main, ["--device", "cuda"], "no CUDA GPU is available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     (evaluate.main, ["--cfg-scale", "-1"], "--cfg-scale must be ≥ 0"),
     (evaluate.main, ["--out", "FILE"], "is a file, not a folder"),
     (compare.main, ["--device", "foo"], "--device must be auto, cpu or cuda"),
@@ -292,8 +294,11 @@ def test_lock_comes_before_loading_and_dead_temps_go(teacher, tmp_path, capsys, 
     out = tmp_path / "run"
     held = engine.open_run(str(out), "", False, engine.Dist())  # another run holds the folder
     monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pytest.fail("the teacher was loaded before the lock"))
+    monkeypatch.setattr(train, "build_unet", lambda *a, **k: pytest.fail("the U-Net was built before the lock"))
     try:
         assert "another run is writing to" in fails(capsys, fast(teacher, out, "--steps", "1"))
+        assert "another run is writing to" in fails(capsys, ["--out", str(out), "--toy-images", "8", "--device", "cpu"],
+                                                    train.main)
     finally:
         held.close()
         engine._HELD.clear()

@@ -8,12 +8,16 @@ Running one training script at every scale: shared by train.py (teacher) and dis
   save_state /        the whole training state (networks, optimizers, step, RNG) in ONE safetensors file,
   load_state          written to a temporary file and renamed, so a crash never leaves a torn checkpoint;
                       nothing is ever unpickled
-  Logger              one fixed-width line every N steps (step, each loss, ms/it, memory)
+  Logger              one fixed-width line every N steps (step/total, each loss in a stable column, counters as
+                      integers, ms/it, memory, elapsed, ETA)
+  one_line_errors     a command's main: bad input or a failed read/write → one `error: …` line, exit 2;
+                      Ctrl-C → 130, SIGTERM → 143, each naming the step and the last checkpoint
   arg / config_parser / read_config
                       one command-line builder for train.py and distill.py: every config field is a flag, its
                       help written once (in the field), `--help` showing the preset's value
   open_run            one run per --out: refuses to start over a finished run unless told to resume or overwrite,
-                      and holds an exclusive lock on <out>/.lock while the run lives
+                      holds an exclusive lock on <out>/.lock while the run lives (taken before anything is
+                      loaded) and removes the temporary files of writers that died
   check_resume        which config fields a resumed run may change (steps, lr, …) and which it may not
   check_finite        stops a run whose losses or weights went NaN/Inf before it writes anything
 """
@@ -270,6 +274,13 @@ def agree(error: str | None, main_decides: bool = True, elsewhere: str = "anothe
         raise ValueError(error or elsewhere)
 
 
+def require(checks: list) -> None:
+    """One ValueError line for the first (ok, message) pair of a config's checks that is not ok."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def validate_common(cfg) -> None:
     """The fields train.py and distill.py share, checked before anything is loaded or written: one ValueError
     line for the first value that cannot make a sensible run (each script checks its own fields after this)."""
@@ -285,9 +296,7 @@ def validate_common(cfg) -> None:
         (cfg.data != "toy" or cfg.toy_size >= 4, f"--toy-size must be ≥ 4 pixels, got {cfg.toy_size}"),
         (not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out} is a file, not a folder"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    require(checks)
 
 
 def data_line(spec: str, source, latent_shape: tuple, downscale: int) -> str:

@@ -138,9 +138,7 @@ def validate(cfg: Config) -> None:
         (cfg.r1 >= 0, f"--r1 must be ≥ 0, got {cfg.r1}"),
         (1 <= cfg.disc_t_max <= 1000, f"--disc-t-max must be in [1, 1000], got {cfg.disc_t_max}"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    engine.require(checks)
 
 
 def unused(cfg: Config) -> dict:

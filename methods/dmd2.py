@@ -175,9 +175,7 @@ def validate(cfg: Config) -> None:
               (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
               (cfg.gan_weight >= 0 and cfg.gan_weight_fake >= 0, "--gan-weight and --gan-weight-fake must be ≥ 0"),
               (1 <= cfg.gan_t_max <= 1000, f"--gan-t-max must be in [1, 1000], got {cfg.gan_t_max}")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    engine.require(checks)
 
 
 def unused(cfg: Config) -> dict:

@@ -180,9 +180,7 @@ def validate(cfg: Config) -> None:
               (0 <= cfg.t_min <= cfg.t_max < 1000, f"need 0 ≤ --t-min ≤ --t-max ≤ 999, got {cfg.t_min}, {cfg.t_max}"),
               (0 < cfg.step_eps <= 1 and 0 < cfg.step_z <= 1,
                f"Langevin step sizes must be in (0, 1], got {cfg.step_eps}, {cfg.step_z}")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    engine.require(checks)
 
 
 def unused(cfg: Config) -> dict:

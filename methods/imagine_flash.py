@@ -208,9 +208,7 @@ def validate(cfg: Config) -> None:
          f"--recon none leaves only the adversarial term, so --adv-t-min ({cfg.adv_t_min}) must be ≤ the lowest "
          f"timestep {min(cfg.timesteps)} (e.g. --adv-t-min 0)"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    engine.require(checks)
     if cfg.recon == "srl":  # every timestep the student trains at has its γ, and each γ is a timestep ≥ k
         for t in cfg.timesteps:
             g = gamma_of(t, cfg.gamma)
@@ -219,13 +217,12 @@ def validate(cfg: Config) -> None:
 
 
 def unused(cfg: Config) -> dict:
-    """The flags this configuration does not read, with why: given on the command line, each is refused in one line
-    (a value that silently does nothing would be kept in config.json and the export as if it had)."""
-    adv = "there is no discriminator (--disc none)"
-    return {**({"gamma": "γ is read only by the SRL target (--recon srl)"} if cfg.recon != "srl" else {}),
-            **({"k": "--recon none has no teacher target"} if cfg.recon == "none" else {}),
-            **({"disc_vit": "only --disc projected has a ViT"} if cfg.disc != "projected" else {}),
-            **({f: adv for f in ("lambda_adv", "lr_disc", "r1", "disc_t_max", "adv_t_min")} if cfg.disc == "none" else {})}
+    """The flags this configuration does not read, and why (given on the command line: refused, see distill.py)."""
+    off = {"gamma": cfg.recon != "srl", "k": cfg.recon == "none", "disc_vit": cfg.disc != "projected",
+           **dict.fromkeys(("lambda_adv", "lr_disc", "r1", "disc_t_max", "adv_t_min"), cfg.disc == "none")}
+    why = {"gamma": "only --recon srl reads γ", "k": "--recon none has no teacher target",
+           "disc_vit": "only --disc projected has a ViT"}
+    return {f: why.get(f, "there is no discriminator (--disc none)") for f, yes in off.items() if yes}
 
 
 class ImagineFlash(Distiller):

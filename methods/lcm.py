@@ -162,9 +162,7 @@ def validate(cfg: Config) -> list[int]:
         (cfg.huber_c > 0, f"--huber-c must be > 0, got {cfg.huber_c}"),
         (cfg.timestep_scaling > 0, f"--timestep-scaling must be > 0, got {cfg.timestep_scaling}"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    engine.require(checks)
     grid = skip_grid(cfg.skip)
     off = [t for t in cfg.timesteps if t not in grid]
     if off:

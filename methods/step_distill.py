@@ -208,9 +208,7 @@ def validate(cfg: Config) -> None:
               (cfg.steps <= total_steps(cfg), f"--steps {cfg.steps} is past the schedule: stage 1 "
                f"({cfg.stage1_steps}) + {n_rounds(cfg.start_steps, cfg.final_steps)} rounds × "
                f"{cfg.steps_per_round} = {total_steps(cfg)} iterations")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    engine.require(checks)
 
 
 def unused(cfg: Config) -> dict:

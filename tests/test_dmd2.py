@@ -321,7 +321,9 @@ def test_config_and_bad_values(teacher, tmp_path):
     with pytest.raises(ValueError, match="--ratio"):
         build(teacher, tmp_path, "--ratio", "0")
     with pytest.raises(ValueError, match="--gan-t-max"):
-        build(teacher, tmp_path, "--gan-t-max", "0")
+        build(teacher, tmp_path, "--gan-weight", "0.01", "--gan-t-max", "0")
+    with pytest.raises(SystemExit):  # without the GAN head the flag does nothing: refused, not kept in config.json
+        build(teacher, tmp_path, "--gan-t-max", "500")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def make_dinov2(folder: str, seed: int = 0) -> str:
 def tiny_args(teacher: str, out: str, *extra: str) -> list[str]:
     """Command-line flags for a seconds-long toy distillation with the tiny teacher (SRL, the paper's
     timesteps and the adversarial term at every t: the method as written, not the demo's choices)."""
-    no_disc = "--no-disc" in extra or any(a == "--disc" and b == "none" for a, b in zip(extra, extra[1:]))
+    no_disc = bool({"--no-disc", "--disc=none"} & set(extra)) or any(a == "--disc" and b == "none"
+                                                                      for a, b in zip(extra, extra[1:]))
     adv = [] if no_disc else ["--adv-t-min", "0"]  # without a discriminator the flag is refused as unused
     return ["--preset", "toy", "--recon", "srl", "--timesteps", "999,750,500", "--teacher", teacher, "--out", out, "--toy-size", str(SIZE), "--toy-images", "64",
             "--global-batch", "4", "--micro-batch", "4", "--log-every", "1", *adv, "--device", "cpu", *extra]

@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 DEMO   ?= runs/demo
 METHODS ?= imagine_flash,dmd2,emd,lcm,add,step_distill
 
-.PHONY: setup demo compare test clean
+.PHONY: setup demo compare icons test clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ demo: setup
 compare: setup
 	$(PY) train.py --preset toy --out $(DEMO)/teacher --resume auto
 	$(PY) compare.py --teacher $(DEMO)/teacher --out runs/compare --methods $(METHODS)
+
+# The real-image benchmark (README, "Real images"): KDE's Oxygen icons (Debian package oxygen-icon-theme, installed
+# here if missing) → data/icons/{train,heldout} with captions, and a small offline text encoder for their words.
+ICONS ?= data/icons
+SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+icons: setup
+	@test -d /usr/share/icons/oxygen/base/32x32 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq oxygen-icon-theme)
+	@test -d $(ICONS)/train || $(PY) icons.py --out $(ICONS)
+	@test -f $(ICONS)/text_encoder/config.json || $(PY) conditioning.py --captions $(ICONS)/train --out $(ICONS)/text_encoder
 
 test: setup
 	$(PY) -m pytest

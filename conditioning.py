@@ -204,3 +204,69 @@ def load_conditioning(config: dict) -> nn.Module:
     if kind == "text":
         return TextEncoder.from_pretrained(config["path"], max_length=config.get("max_length"))
     raise ValueError(f"conditioning: unknown kind {kind!r} (expected 'labels' or 'text')")
+
+
+# --------------------------------------------------------------------------------------------------
+# a text encoder made offline, for caption data without a hub
+# --------------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def caption_words(caption: str) -> list[str]:
+    """A caption's words as the word encoder's tokenizer splits them: lower case, letters and digits."""
+    return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+def make_word_encoder(captions: list[str], folder: str, dim: int = 64, layers: int = 2, heads: int = 2,
+                      max_length: int = 16, seed: int = 0) -> str:
+    """A small frozen text encoder for a caption set, written with save_pretrained (safetensors) into `folder`, so
+    that caption data can be trained on with no hub: a WordPiece tokenizer whose vocabulary is exactly the captions'
+    words (each word one token, any other word [UNK]) and a randomly initialised BERT of width `dim`. Like the toy's
+    label table, its embeddings are random but fixed: what matters to the U-Net is that different captions give
+    different, stable tokens, which it learns to read through cross-attention. Returns `folder`, which
+    `TextEncoder.from_pretrained` (and train.py --text-encoder) loads."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    words = sorted({w for c in captions for w in caption_words(c)})
+    if not words:
+        raise ValueError("make_word_encoder: the captions have no words")
+    words += sorted({ch for c in captions for ch in c if not ch.isalnum() and not ch.isspace()})  # BERT splits these
+    os.makedirs(folder, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(SPECIAL_TOKENS + words)}, do_lower_case=True,
+                                  model_max_length=max_length)
+    tokenizer.save_pretrained(folder)  # tokenizer.json, vocab.txt, …
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(SPECIAL_TOKENS) + len(words), hidden_size=dim, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * dim, max_position_embeddings=max_length,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(folder)  # model.safetensors + config.json
+    return folder
+
+
+def main(argv=None) -> None:
+    """python conditioning.py --captions data/icons/train --out data/icons/text_encoder: a word encoder (above) for
+    the captions of an image–caption folder (every name.txt under it) or a prompts file."""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(description="Make a small offline text encoder for a caption set (tokenizer of its "
+                                            "words + a random frozen BERT, saved with save_pretrained).")
+    p.add_argument("--captions", required=True, help="an image–caption folder (its .txt files) or a prompts file")
+    p.add_argument("--out", required=True, help="folder to write the encoder to")
+    p.add_argument("--dim", type=int, default=64, help="width of the embeddings (default: 64)")
+    p.add_argument("--max-length", type=int, default=16, help="tokens per caption, padded/truncated (default: 16)")
+    args = p.parse_args(argv)
+    from data import read_prompts, read_text
+    try:
+        if os.path.isdir(args.captions):
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.captions) for f in fs if f.endswith(".txt"))
+            captions = [read_text(f).strip() for f in files]
+        else:
+            captions = read_prompts(args.captions)
+        make_word_encoder(captions, args.out, dim=args.dim, max_length=args.max_length)
+    except (ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    print(f"text encoder for {len(captions)} captions written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -60,6 +60,10 @@ PRESETS = {
     "toy": Config(recon="plain", gamma=((900, 603), (500, 536), (-1, 9)), timesteps=(999, 666, 333), lr=1e-4,
                   steps=800, global_batch=16, micro_batch=16, lambda_adv=0.1, ckpt_every=200, first_t=600,
                   adv_t_min=666),
+    # the real-image benchmark (icons.py; train.py --preset icons): the toy preset on 32×32 icons, not tuned on them
+    "icons": Config(teacher="runs/icons/teacher", data="data/icons/train", out="runs/icons/imagine_flash", recon="plain",
+                    timesteps=(999, 666, 333), lr=1e-4, steps=800, global_batch=16, micro_batch=16, lambda_adv=0.1,
+                    ckpt_every=200, first_t=600, adv_t_min=666, toy_images=0),
     # One GPU, DDPM-CIFAR10 teacher (google/ddpm-cifar10-32 downloaded to a folder, or train.py --preset cifar10).
     # Unconditional: no CFG, the discriminator sees no condition. Linear β: ε̂ errors at t = 999 are amplified
     # 157× in x̂_0, so noise correction matters most here.

@@ -28,7 +28,7 @@ METRICS = ("toy_fd", "label_acc", "fid", "fid_tf", "clip", "saturation", "sec_pe
 
 
 # fields that say how a run ran, not what it made: a cached student made with other values is still the same student
-HOW_IT_RAN = {"resume", "overwrite", "out", "device", "log_every", "sample_every", "ckpt_every"}
+HOW_IT_RAN = {"resume", "overwrite", "out", "device", "threads", "log_every", "sample_every", "ckpt_every"}
 
 
 def distill_args(args, method: str, seed: int, out: str) -> list[str]:

@@ -194,8 +194,7 @@ def error_line(e: BaseException) -> str:
                 errno.EPERM: "fix its permissions or choose another path", errno.EROFS: "choose a writable path",
                 errno.ENAMETOOLONG: "choose a shorter name"}.get(e.errno)
         return f"{e.strerror.lower()}:{where}" + (f" ({hint})" if hint else "")
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def one_line_errors(body, cleanup=lambda failed: None, where=lambda: "", stream=None):

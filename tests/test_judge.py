@@ -282,3 +282,26 @@ def test_scored_rows_are_keyed_on_the_judges_data(sets, tmp_path):
     with open(copy / "blue_square_001.txt", "w") as f:
         f.write("a blue circle\n")
     assert evaluate.judge_key(str(copy), None)["data_content"] != key["data_content"]
+
+
+def test_cifar10_path_on_a_stand_in(monkeypatch):
+    # torchvision's CIFAR-10 checks its files' checksums: a stand-in with the same attributes (uint8 NHWC, labels)
+    import data
+
+    class Split:
+        classes = [f"class {k}" for k in range(10)]
+
+        def __init__(self, train):
+            g = np.random.default_rng(0 if train else 1)
+            self.targets = [int(k) for k in g.integers(0, 10, 200 if train else 60)]
+            hue = np.array([[25 * k, 255 - 25 * k, 120] for k in range(10)])  # each class its colour
+            self.data = (hue[self.targets][:, None, None] + g.normal(0, 10, (len(self.targets), 32, 32, 3))
+                         ).clip(0, 255).astype(np.uint8)
+    monkeypatch.setattr(data, "cifar10", lambda root, train=True, download=False: Split(train))
+    real = RealData("cifar10:anywhere", 32)
+    assert real.task == "labels" and real.key["n_train"] == 200 and torch.equal(real.prompts(12), torch.arange(12) % 10)
+    judge = Judge(real, None, progress=False, steps=50)
+    images, labels = real.real(1000)
+    assert len(images) == 30 and images.shape[1:] == (3, 32, 32) and -1 <= images.min() < images.max() <= 1
+    scored = judge(images, labels)
+    assert scored.keys() == {"judge_fd", "label_acc"} and scored["label_acc"] > 0.9

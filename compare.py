@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 import distill
 import engine
-from evaluate import evaluate, save_grid_picture
+from evaluate import evaluate, judge_cache, judge_key, save_grid_picture
 from methods import METHODS
 
-METRICS = ("toy_fd", "label_acc", "fid", "fid_tf", "clip", "saturation", "sec_per_image")
+METRICS = ("toy_fd", "judge_fd", "label_acc", "word_auc", "fid", "fid_tf", "clip", "saturation", "sec_per_image")
 
 
 # fields that say how a run ran, not what it made: a cached student made with other values is still the same student
@@ -101,7 +101,8 @@ def table(rows: list[dict], path_md: str, header: str) -> str:
         f = (lambda x: f"{x:.4f}") if abs(v) < 1 else (lambda x: f"{x:.2f}")
         return f(v) + (f" ± {f(sd) if sd >= 1e-4 else '0'}" if sd is not None and r.get("seeds", 1) > 1 else "")
     cols = [("method", "method"), ("NFE", "nfe"), ("seeds", "seeds"), ("distill min", "distill_min"),
-            ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"), ("label acc ↑", "label_acc"), ("FID ↓", "fid"),
+            ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"), ("judge FD ↓", "judge_fd"), ("label acc ↑", "label_acc"),
+            ("word AUC ↑", "word_auc"), ("FID ↓", "fid"),
             ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"), ("saturation", "saturation")]
     cols = [(h, k) for h, k in cols if any(k in r for r in rows)]
     lines = [header, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
@@ -138,7 +139,10 @@ def main(argv=None) -> None:
     p.add_argument("--inception", default=None, help="Inception-v3 weights file for FID (default: none)")
     p.add_argument("--fid", default="", choices=["", "torch-fidelity"], help="standard TF-Inception FID (default: off)")
     p.add_argument("--fid-weights", default=None, help="local torch-fidelity Inception weights (default: download)")
-    p.add_argument("--reference", default=None, help="folder of real images for FID (default: toy: generated)")
+    p.add_argument("--data", default=None, help="the judge's data, as evaluate.py --data: toy | cifar10:<root> | an "
+                                                "image folder (default: toy for a label-conditioned toy teacher)")
+    p.add_argument("--reference", default=None, help="folder of real images for FID, and a folder --data's held-out "
+                                                     "images (default: toy: generated; a folder: 1 in 8 of its own)")
     p.add_argument("--clip", default=None, help="CLIP model folder or hub id for the CLIP score (default: none)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
@@ -171,8 +175,10 @@ def main(argv=None) -> None:
                   + (f", distill.py {' '.join(args.distill_args)}" if args.distill_args else ""))
         print(table(rows, os.path.join(args.out, "compare.md"), header))
         from evaluate import column_labels
+        from metrics import RealData
         from pipeline import load_encoder
-        labels = column_labels(load_encoder(args.teacher), args.prompts, min(args.grid_cols, args.n))  # evaluate()'s prompts
+        real = RealData(args.data, None, args.reference) if args.data else None  # its captions: evaluate()'s prompts
+        labels = column_labels(load_encoder(args.teacher), args.prompts, min(args.grid_cols, args.n), real)
         save_grid_picture(pictures, os.path.join(args.out, "compare.png"), labels)
         print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
     # bad input, a failed write: one line, exit 2; Ctrl-C 130 and SIGTERM 143 name the student's last checkpoint
@@ -201,20 +207,22 @@ def cached_rows(folder: str, make, key: dict) -> tuple[list[dict], dict]:
 
 
 def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[dict], list]:
-    classifier = os.path.join(args.out, "toy_classifier.safetensors")  # one feature space for every row
+    classifier = judge_cache(args.out, args.data)  # one judge, one feature space for every row
 
     def rows_of(student, folder, keep=None):
         def make(images):
             rows = evaluate(args.teacher, student, folder, args.n, args.batch_size, args.cfg_scale, args.seed, args.inception,
                             args.reference, args.clip, args.prompts, args.grid_cols, device, rows_filter=keep,
-                            fid=args.fid, fid_weights=args.fid_weights, images_out=images, classifier=classifier)
+                            fid=args.fid, fid_weights=args.fid_weights, images_out=images, classifier=classifier,
+                            data=args.data)
             return [r for r in rows if student is None or r["method"] != "real images"]  # real images: once
         return make
     from pipeline import fingerprint, resolve
     teacher_fp = fingerprint(resolve(args.teacher))
-    # every cached row is keyed on what made it: the evaluation's settings and the U-Nets sampled (their fingerprints)
+    # every cached row is keyed on what made it: the evaluation's settings, the judge's data (--data, its content and
+    # held-out part: judge_key) and the U-Nets sampled (their fingerprints)
     key = {k: getattr(args, k) for k in ("n", "seed", "cfg_scale", "grid_cols", "prompts", "inception", "fid", "reference",
-                                         "clip")} | {"teacher": teacher_fp}
+                                         "clip")} | {"teacher": teacher_fp} | judge_key(args.data, args.reference)
     rows, images = cached_rows(os.path.join(args.out, "teacher_eval"), rows_of(None, os.path.join(args.out, "teacher_eval")),
                                key)
     pictures = [(name, imgs) for name, imgs in images.items() if name != "teacher DDIM 2 steps"]

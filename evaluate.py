@@ -7,13 +7,17 @@ Rows (methods), all from the same noise and the same prompts:
   student 1 / 2 / 3 steps          Imagine Flash, no CFG, noise correction on (Eq. 9)
   student 2 / 3 steps w/o NC       the same student without noise correction
 Columns of the table: NFE (a CFG step counts 2), seconds per image, and quality:
-  toy data:  FD in the features of a small classifier trained on the toy data (NOT Inception FID;
-             labelled "toy FD"), that classifier's accuracy on the prompted label (prompt adherence)
+  --data D (toy by default for a toy teacher): the judge of that data (metrics.Judge), a small network trained
+             once on part of its real images: FD in its features against held-out real images (NOT Inception
+             FID; "toy FD" on the toy data, "judge FD" on other data), and prompt adherence: its accuracy on
+             the prompted label ("label acc") or, for captions, the word AUC of the prompt's words
+             ("word AUC"); the "real images" row (held-out images) is the floor of the FD, the ceiling of adherence
   --inception WEIGHTS: FID with Inception-v3 pool3 features against --reference images
   --clip MODEL:        CLIP score (text-to-image)
   always:    mean colour saturation and contrast (noise correction shows there)
 
   python evaluate.py --teacher runs/demo/teacher --student runs/demo/distill/student --out runs/demo/eval
+  python evaluate.py --teacher runs/t2i_small/teacher --student runs/t2i_small/student/student --data data/captions
   python evaluate.py --ablation --teacher runs/demo/teacher --out runs/ablation   (Table 3 at toy scale)
 """
 import argparse
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import engine
+from metrics import Judge, RealData, ToyJudge
 from pipeline import encode_prompts, load_pipeline
 from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_sample, student_timesteps, trailing
 
@@ -107,42 +112,74 @@ def nfe(row: dict) -> int:
     return len(row["timesteps"]) * (2 if row["cfg"] != 1.0 else 1)
 
 
-class ToyJudge:
-    """Toy-data quality: FD in a small classifier's features against real held-out images, and the
-    classifier's accuracy on the prompted label."""
-
-    def __init__(self, size: int, cache: str, n_ref: int = 2000):
-        from data import make_toy
-        from metrics import train_toy_classifier
-        self.classifier = train_toy_classifier(size=size, cache=cache)
-        self.ref_images, self.ref_labels = make_toy(n_ref, seed=3000, size=size)  # disjoint from training seeds
-        self.ref_feats = self.features(self.ref_images)
-
-    @torch.no_grad()
-    def features(self, images):
-        return torch.cat([self.classifier.features(x) for x in images.split(500)])
-
-    def __call__(self, images, labels) -> dict:
-        from metrics import frechet_distance, label_accuracy
-        return {"toy_fd": frechet_distance(self.features(images), self.ref_feats),
-                "label_acc": label_accuracy(self.classifier, images, labels)}
+def prompts_for(encoder, prompts_file: str | None, real: RealData | None, n: int):
+    """evaluate()'s prompts for n samples: a label teacher's classes cycling (LongTensor); a text teacher's
+    --prompts lines cycling, or without --prompts the held-out reference images' own captions cycling (--data, an
+    image–caption folder); None for an unconditional teacher."""
+    if encoder is None:
+        return None
+    if encoder.config().get("kind") == "labels":
+        return torch.arange(n) % encoder.num_classes
+    if prompts_file:
+        from data import read_prompts
+        lines = read_prompts(prompts_file)
+        return [lines[i % len(lines)] for i in range(n)]
+    captions = real.prompts(n) if real is not None else None
+    if not isinstance(captions, list):
+        raise ValueError("a text-conditioned teacher needs --prompts (one prompt per line) or --data <an image–caption "
+                         "folder> (its held-out images' captions)")
+    return captions
 
 
-def column_labels(encoder, prompts_file: str | None, cols: int) -> list[str] | None:
-    """What the grid's first `cols` columns were prompted with, as text: evaluate()'s prompts (toy: the labels cycling
-    over the classes, named by the label encoder; text: the prompts file's lines, cycling); None when unconditional.
-    From the encoder and the file rather than the prompts themselves, so that compare.py, which has the teacher's
-    folder but not evaluate()'s prompts, labels its picture alike."""
+def column_labels(encoder, prompts_file: str | None, cols: int, real: RealData | None = None) -> list[str] | None:
+    """What the grid's first `cols` columns were prompted with, as text: evaluate()'s prompts (prompts_for: toy, the
+    labels named by the label encoder; text, the prompts file's lines or the data's held-out captions); None when
+    unconditional. From the encoder, the file and the data rather than the prompts themselves, so that compare.py,
+    which has the teacher's folder but not evaluate()'s prompts, labels its picture alike."""
     if encoder is None:
         return None
     if encoder.config().get("kind") == "labels":
         names = encoder.class_names  # None for a label encoder saved without names: their numbers then
         return [names[i % encoder.num_classes] if names else f"class {i % encoder.num_classes}" for i in range(cols)]
-    if not prompts_file:
+    if not prompts_file and (real is None or real.task != "words"):
         return None
-    from data import read_prompts
-    lines = read_prompts(prompts_file)
-    return [lines[i % len(lines)] for i in range(cols)]
+    return prompts_for(encoder, prompts_file, real, cols)
+
+
+def judge_cache(out: str, data: str | None) -> str:
+    """Where a judge is cached by default: the toy classifier's file as it always was, judge.safetensors for other
+    data (either way keyed on its data's content: another data's cache is retrained, one line)."""
+    return os.path.join(out, "toy_classifier.safetensors" if data in (None, "toy") else "judge.safetensors")
+
+
+def judge_key(data: str | None, reference: str | None) -> dict:
+    """What a cache of scored rows must add to its key for the judge: the data and its content (training and
+    held-out parts). Nothing for the toy, whose judge is fixed by the code: rows cached before --data stay valid."""
+    if data in (None, "toy"):
+        return {}
+    real = RealData(data, None, reference)
+    return {"data": data, "data_content": real.key, "heldout_content": real.heldout_key}
+
+
+def check_weights(inception: str | None, clip: str | None, fid: str, fid_weights: str | None, device):
+    """Every weight given (--inception, --clip, --fid-weights), loaded or checked now: one that cannot be is one line
+    before anything is sampled (not after the slowest row). Returns the Inception feature net (or None)."""
+    fid_model = None
+    if inception:
+        from metrics import InceptionFeatures
+        fid_model = InceptionFeatures(inception).to(device)
+    if clip:
+        from metrics import load_clip
+        load_clip(clip, device)  # kept for clip_score (loaded once per process)
+    if fid == "torch-fidelity":
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise ValueError("--fid torch-fidelity needs the optional package: pip install -r requirements-eval.txt "
+                             "(torch-fidelity)") from None
+        if fid_weights and not os.path.isfile(fid_weights):
+            raise FileNotFoundError(f"--fid-weights {fid_weights}: no such file")
+    return fid_model
 
 
 def fit_label(text: str, width: float, measure, max_lines: int = 3) -> list[str]:
@@ -202,8 +239,8 @@ def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str, labels: l
 
 def write_table(results: list[dict], path_md: str, header: str) -> str:
     cols = [("method", "method"), ("NFE", "nfe"), ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"),
-            ("label acc ↑", "label_acc"), ("FID ↓", "fid"), ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"), ("saturation", "saturation"),
-            ("contrast", "contrast")]
+            ("judge FD ↓", "judge_fd"), ("label acc ↑", "label_acc"), ("word AUC ↑", "word_auc"), ("FID ↓", "fid"),
+            ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"), ("saturation", "saturation"), ("contrast", "contrast")]
     cols = [(h, k) for h, k in cols if any(k in r for r in results)]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and abs(v) < 1 else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [header, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
@@ -227,38 +264,37 @@ def check_out(out: str) -> None:
 def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batch_size: int, cfg_scale: float,
              seed: int, inception: str | None, reference: str | None, clip: str | None, prompts_file: str | None,
              grid_cols: int, device: torch.device, rows_filter=None, fid: str = "", fid_weights: str | None = None,
-             images_out: dict | None = None, classifier: str | None = None) -> list[dict]:
+             images_out: dict | None = None, classifier: str | None = None, data: str | None = None) -> list[dict]:
     """One row per sampler (methods()): NFE, s/image and the quality columns. images_out: {row name: the first
-    grid_cols images}, for a caller that draws its own picture. classifier: where the toy classifier is cached
-    (default <out>/toy_classifier.safetensors); rows compared across calls must share it."""
+    grid_cols images}, for a caller that draws its own picture. data: the judge's data (metrics.RealData: "toy",
+    "cifar10:<root>", an image folder; default toy for a label teacher, else no judge); reference: for a folder,
+    its held-out images instead of 1 in 8 of its own (and FID's reference images). classifier: where the judge is
+    cached (default judge_cache(out, data)); rows compared across calls must share it."""
     check_out(out)  # before minutes of sampling, not after
+    fid_model = check_weights(inception, clip, fid, fid_weights, device)
     teacher = load_pipeline(teacher_path).to(device)
     student = load_pipeline(student_path).to(device) if student_path else None
     spec = sampler_of(student)
     for warning in check_pair(teacher, student):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     toy = teacher.encoder is not None and teacher.encoder.config().get("kind") == "labels"
-    # the prompts: toy labels cycling over the classes, a prompts file (t2i), or none (unconditional)
-    if toy:
-        n_cls = teacher.encoder.num_classes
-        prompts = torch.arange(n) % n_cls
-    elif teacher.encoder is not None:
-        if not prompts_file:
-            raise ValueError("a text-conditioned teacher needs --prompts (one prompt per line)")
-        from data import read_prompts
-        lines = read_prompts(prompts_file)
-        prompts = [lines[i % len(lines)] for i in range(n)]
-    else:
-        prompts = None
+    size = teacher.latent_shape()[-1] * teacher.autoencoder.downscale  # the samples' pixels
+    data = data or ("toy" if toy else None)
+    real = RealData(data, size, reference) if data else None  # the real images the judge learns and is checked on
+    if toy and real is not None and (real.task != "labels" or len(real.names) != teacher.encoder.num_classes):
+        raise ValueError(f"--data {data} has {len(real.names) if real.task == 'labels' else 'no'} class labels, the "
+                         f"teacher {teacher_path} is prompted with {teacher.encoder.num_classes}: a label teacher is "
+                         "judged on data with its own classes (toy)")
+    # the prompts: a label teacher's classes cycling, a prompts file or the held-out captions (text), or none
+    prompts = prompts_for(teacher.encoder, prompts_file, real, n)
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(n, *teacher.latent_shape(), generator=g)  # the same noise for every method
 
-    judge = ToyJudge(teacher.latent_shape()[-1], classifier or os.path.join(out, "toy_classifier.safetensors")) if toy else None
-    fid_model, fid_ref = None, None
-    if inception:
-        from metrics import InceptionFeatures
-        fid_model = InceptionFeatures(inception).to(device)
-        fid_ref = reference_features(fid_model, reference, toy, teacher, n, device)
+    judge = None
+    if real is not None:
+        cache = classifier or judge_cache(out, data)
+        judge = ToyJudge(size, cache) if data == "toy" else Judge(real, cache)
+    fid_ref = reference_features(fid_model, reference, toy, teacher, n, device) if fid_model is not None else None
 
     fid_std_ref = None
     if fid == "torch-fidelity":  # the published-table FID: a reference folder, or (toy) generated real images
@@ -270,10 +306,11 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
         else:
             raise ValueError("--fid torch-fidelity needs --reference (a folder of real images)")
     results, grid = [], []
-    if toy:  # the real-data row: the ceiling for label accuracy, the floor for FD
-        from data import make_toy
-        real, real_labels = make_toy(n, seed=4000, size=teacher.latent_shape()[-1])
-        results.append({"method": "real images", "nfe": 0, **judge(real, real_labels), **sat(real)})
+    if judge is not None:  # the real-data row: held-out images, the floor for FD and the ceiling for adherence
+        real_images, real_prompts = real.real(n)
+        # adherence of real images only where the samples have prompts of that kind
+        real_prompts = real_prompts if prompts is not None and type(prompts) is type(real_prompts) else None
+        results.append({"method": "real images", "nfe": 0, **judge(real_images, real_prompts), **sat(real_images)})
     for row in methods(cfg_scale, spec):
         if rows_filter and not rows_filter(row):
             continue
@@ -303,7 +340,8 @@ def evaluate(teacher_path: str, student_path: str | None, out: str, n: int, batc
             images_out[row["name"]] = images[:grid_cols]
         tqdm.write(f"  {row['name']:<28} " + "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)))
     os.makedirs(out, exist_ok=True)
-    save_grid_picture(grid, os.path.join(out, "grid.png"), column_labels(teacher.encoder, prompts_file, min(grid_cols, n)))
+    save_grid_picture(grid, os.path.join(out, "grid.png"),
+                      column_labels(teacher.encoder, prompts_file, min(grid_cols, n), real))
     return results
 
 
@@ -358,9 +396,10 @@ def ablation(args, device) -> None:
     check_out(args.out)
     teacher_fp = fingerprint(resolve(args.teacher))
     seeds = [int(s) for s in args.ablation_seeds.split(",")]
-    classifier = os.path.join(args.out, "toy_classifier.safetensors")  # one feature space for every row
+    classifier = judge_cache(args.out, args.data)  # one feature space for every row
     key = {k: getattr(args, k) for k in ("n", "seed", "cfg_scale", "grid_cols", "inception", "reference")} | \
-        {"teacher": teacher_fp}  # and each student's own fingerprint: rows are keyed on the U-Nets that made them
+        {"teacher": teacher_fp} | judge_key(args.data, args.reference)  # and each student's own fingerprint: rows
+    # are keyed on the U-Nets that made them
     results = []
     for name, flags in tqdm(ABLATIONS, desc="ablation rows", leave=False, disable=not sys.stderr.isatty()):
         row_dir = os.path.join(args.out, "".join(ch if ch.isalnum() else "_" for ch in name)[:40].strip("_"))
@@ -380,13 +419,13 @@ def ablation(args, device) -> None:
             per_seed.append(cached_rows(os.path.join(out, "eval"), lambda images: evaluate(
                 args.teacher, os.path.join(out, "student"), os.path.join(out, "eval"), args.n, args.batch_size,
                 args.cfg_scale, args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols,
-                device, rows_filter=keep, images_out=images, classifier=classifier)[1:],
+                device, rows_filter=keep, images_out=images, classifier=classifier, data=args.data)[1:],
                 {**key, "student": fingerprint(os.path.join(out, "student"))})[0])  # [1:]: real images once
         results += summarise(name + ",", per_seed, [0.0] * len(seeds))
     teacher_rows = cached_rows(os.path.join(args.out, "teacher_eval"), lambda images: evaluate(
         args.teacher, None, os.path.join(args.out, "teacher_eval"), args.n, args.batch_size, args.cfg_scale, args.seed,
         args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device, images_out=images,
-        classifier=classifier), key)[0]
+        classifier=classifier, data=args.data), key)[0]
     for r in results:
         r.pop("distill_min")
     print(table([r for r in teacher_rows if r["method"] != "teacher DDIM 2 steps"] + results,
@@ -416,8 +455,15 @@ def main(argv=None) -> None:
     p.add_argument("--grid-cols", type=int, default=12, help="columns of the grid picture (default: %(default)s)")
     p.add_argument("--inception", default=None,
                    help="Inception-v3 weights file, or 'download', for FID (default: none, no FID column)")
+    p.add_argument("--data", default=None,
+                   help="the judge's data: toy | cifar10:<root> | an image–caption folder | a plain image folder; a small "
+                        "network trained once on part of its real images (cached in --out) gives the judge FD and "
+                        "adherence columns (label acc; word AUC for captions) against held-out images (default: toy "
+                        "for a label-conditioned toy teacher; needed for any other teacher to get these columns)")
     p.add_argument("--reference", default=None,
-                   help="folder of real images for FID (default: none; toy data: generated real images)")
+                   help="folder of real images for FID; with a folder --data, also the judge's held-out images (it then "
+                        "trains on all of --data) (default: none; toy data: generated real images; a folder --data: "
+                        "1 in 8 of its images, by a hash of the path)")
     p.add_argument("--fid", default="", choices=["", "torch-fidelity"],
                    help="torch-fidelity: also the standard FID of published tables (TF-Inception weights, column fid_tf; "
                         "pip install -r requirements-eval.txt) (default: off)")
@@ -426,7 +472,8 @@ def main(argv=None) -> None:
     p.add_argument("--clip", default=None,
                    help="CLIP model folder or hub id for the CLIP score (default: none, no CLIP column)")
     p.add_argument("--prompts", default=None,
-                   help="prompts file for a text-conditioned teacher, one per line (default: none)")
+                   help="prompts file for a text-conditioned teacher, one per line; overrides the held-out captions "
+                        "of a caption-folder --data (default: none: those captions)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     p.add_argument("--ablation", action="store_true",
                    help="distill and evaluate the paper's Table 3 rows (default: off)")
@@ -451,13 +498,14 @@ def main(argv=None) -> None:
             return ablation(args, device)
         results = evaluate(args.teacher, args.student or None, args.out, args.n, args.batch_size, args.cfg_scale,
                            args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device,
-                           fid=args.fid, fid_weights=args.fid_weights)
+                           fid=args.fid, fid_weights=args.fid_weights, data=args.data)
         student_rows = [r for r in results if r["method"].startswith("student")]
         ts = max((r["timesteps"] for r in student_rows), key=len, default=None)
         table = write_table(results, os.path.join(args.out, "results.md"),
                             f"teacher {args.teacher}, student {args.student}"
                             + (f" (timesteps {', '.join(map(str, ts))}; n steps = the first n)" if ts else "")
-                            + f", {args.n} samples per method, teacher CFG {args.cfg_scale}")
+                            + f", {args.n} samples per method, teacher CFG {args.cfg_scale}"
+                            + (f", judge trained on {args.data}" if args.data else ""))
         print(table)
         print(f"picture: {os.path.join(args.out, 'grid.png')}   table: {os.path.join(args.out, 'results.md')} (+ .json)")
     # bad input, a failed write: one line, exit 2; Ctrl-C 130, SIGTERM 143 (an ablation's distillation: its checkpoint)

@@ -300,12 +300,13 @@ def validate_common(cfg) -> None:
 
 
 def data_line(spec: str, source, latent_shape: tuple, downscale: int) -> str:
-    """The run's data in one line: how many images (or prompts) were found, image and latent size, latent cache."""
+    """The run's data in one line: how many images (or prompts) were found, image and latent size, latent cache, and
+    whether a caption folder's images are held in memory."""
     kind = "images" if source.has_images else "prompts (no images)"
     size = latent_shape[-1] * downscale
     space = f"latents {'×'.join(map(str, latent_shape))}" if downscale > 1 else "pixel space"
     cache = ", from the latent cache" if getattr(source, "encoded", False) else ""
-    return f"data {spec}: {source.n} {kind}, {size}×{size} px, {space}{cache}"
+    return f"data {spec}: {source.n} {kind}, {size}×{size} px, {space}{cache}{source.storage()}"
 
 
 def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:

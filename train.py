@@ -85,16 +85,16 @@ def diffusion_loss(model, schedule: VPSchedule, x0: torch.Tensor, t: torch.Tenso
     return (model(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
 
 
-def drop_labels(labels: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """Labels → −1 (the null condition) with probability p: CFG training."""
-    drop = torch.rand(labels.shape, generator=g) < p
-    return torch.where(drop, torch.full_like(labels, -1), labels)
+def drop_mask(n: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """Which of n samples train on the null condition (CFG training): each with probability p. (n,) bool."""
+    return torch.rand(n, generator=g) < p
 
 
-def drop_captions(captions: list[str], p: float, g: torch.Generator) -> list[str]:
-    """Captions → "" (the null condition: c_∅ is the empty prompt's embedding) with probability p."""
-    drop = torch.rand(len(captions), generator=g) < p
-    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+def drop_conditions(prompts, drop: torch.Tensor):
+    """Where `drop` is True: labels → −1, captions → "" (the null condition: c_∅ is the empty prompt's embedding)."""
+    if torch.is_tensor(prompts):
+        return torch.where(drop, torch.full_like(prompts, -1), prompts)
+    return ["" if d else c for c, d in zip(prompts, drop.tolist())]
 
 
 def build_unet(name: str, **overrides) -> UNet:
@@ -199,21 +199,21 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
         g = engine.rank_generator(cfg.seed, step)
         idx = torch.randint(source.n, (cfg.global_batch,), generator=g)
         t_all = torch.randint(0, schedule.T, (cfg.global_batch,), generator=g)
-        images, prompts = source.get(idx)
-        eps_all = torch.randn(images.shape, generator=g)
-        if torch.is_tensor(prompts):
-            prompts = drop_labels(prompts, cfg.cond_drop, g)
-        elif prompts is not None:
-            prompts = drop_captions(prompts, cfg.cond_drop, g)
+        eps_all = torch.randn(cfg.global_batch, *source.image_shape, generator=g)
+        drop = drop_mask(cfg.global_batch, cfg.cond_drop, g)
         total = 0.0
         for m in range(accum):
             start = (m * dist.world + dist.rank) * cfg.micro_batch
             sl = slice(start, start + cfg.micro_batch)
+            # this rank's micro-batch only: its images are decoded (or read from memory) here, no other rank's
+            images, prompts = source.get(idx[sl])
+            if prompts is not None:
+                prompts = drop_conditions(prompts, drop[sl])
             with torch.no_grad():
-                cond, _ = encode_prompts(encoder, prompts[sl] if prompts is not None else None, device)
+                cond, _ = encode_prompts(encoder, prompts, device)
             sync = m == accum - 1 or dist.world == 1
             with (model_ddp.no_sync() if not sync else torch.enable_grad()), engine.autocast(dist, cfg.bf16):
-                loss = diffusion_loss(model_ddp, schedule, images[sl].to(device), t_all[sl].to(device),
+                loss = diffusion_loss(model_ddp, schedule, images.to(device), t_all[sl].to(device),
                                       eps_all[sl].to(device), cond).mean()
                 (loss / accum).backward()
             total += loss.item() / accum

@@ -20,6 +20,7 @@ Running one training script at every scale: shared by train.py (teacher) and dis
                       loaded) and removes the temporary files of writers that died
   check_resume        which config fields a resumed run may change (steps, lr, …) and which it may not
   check_finite        stops a run whose losses or weights went NaN/Inf before it writes anything
+  Wall                a run's wall time over its invocations, and --time-budget's stop
 """
 import argparse
 import copy
@@ -292,6 +293,7 @@ def validate_common(cfg) -> None:
         (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.log_every >= 1, f"--log-every must be ≥ 1, got {cfg.log_every}"),
         (cfg.ckpt_every >= 0, f"--ckpt-every must be ≥ 0 (0: never), got {cfg.ckpt_every}"),
+        (cfg.time_budget >= 0, f"--time-budget must be ≥ 0 minutes (0: no limit), got {cfg.time_budget}"),
         (cfg.data != "toy" or cfg.toy_images >= 1, f"--toy-images must be ≥ 1 for toy data, got {cfg.toy_images}"),
         (cfg.data != "toy" or cfg.toy_size >= 4, f"--toy-size must be ≥ 4 pixels, got {cfg.toy_size}"),
         (not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out} is a file, not a folder"),
@@ -592,6 +594,41 @@ def check_finite(step: int, logs: dict, *modules: torch.nn.Module) -> None:
              "(lower --lr or the guidance scale)") if bad else None
     agree(error, main_decides=False, elsewhere=f"non-finite loss or weights on another process at step {step}: stopped "
                                                  f"without saving; {last_checkpoint()}")
+
+
+class Wall:
+    """A run's wall time in <out>/wall.json, summed over the invocations of a resumed run (up to its last checkpoint):
+    --time-budget of train.py and distill.py, and what compare.py reports as each method's budget."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, path: str, resumed: bool):
+        self.path, self.t0 = path, self.clock()
+        self.before = json.load(open(path))["seconds"] if resumed and os.path.isfile(path) else 0.0
+
+    def seconds(self) -> float:
+        return self.before + self.clock() - self.t0
+
+    def spent(self, budget_minutes: float) -> bool:
+        """Is the budget used up? Rank 0's clock decides for every rank (they must stop at the same step)."""
+        if budget_minutes <= 0:
+            return False
+        flag = torch.tensor([float(self.seconds() >= 60 * budget_minutes)])
+        if dist.is_initialized():
+            flag = flag.to(collective_device())
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    def stop(self, budget_minutes: float, step: int, total: int) -> bool:
+        """--time-budget: True (and one line saying so) when the budget is spent before the last step."""
+        spent = step < total and self.spent(budget_minutes)
+        if spent:
+            print0(f"--time-budget {budget_minutes:g} min spent at step {step} of {total}: stopping, checkpoint and export")
+        return spent
+
+    def save(self, step: int) -> None:
+        with open(self.path, "w") as f:
+            json.dump({"seconds": self.seconds(), "step": step}, f)
 
 
 # --------------------------------------------------------------------------------------------------

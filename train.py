@@ -44,6 +44,7 @@ class TrainConfig:
     image_size: int = arg(0, "image size in pixels (0: the U-Net config's sample_size)")
     out: str = arg("runs/demo/teacher", "output folder (the teacher pipeline)")
     steps: int = arg(2500, "training iterations")
+    time_budget: float = arg(0.0, "minutes of training wall time, then stop, checkpoint and export (0: no limit)")
     global_batch: int = arg(128, "samples per iteration over all processes")
     micro_batch: int = arg(128, "samples per forward per process")
     lr: float = arg(1e-3, "Adam learning rate")
@@ -112,8 +113,8 @@ def build_unet(name: str, **overrides) -> UNet:
 
 
 # what a resumed run may change (see distill.RESUME_CHANGEABLE): length, logging, learning rate, how it runs
-RESUME_CHANGEABLE = frozenset({"steps", "lr", "warmup", "log_every", "ckpt_every", "resume", "overwrite", "out", "device",
-                               "bf16", "preset"})
+RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "lr", "warmup", "log_every", "ckpt_every", "resume", "overwrite",
+                               "out", "device", "bf16", "preset"})
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -194,6 +195,7 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     engine.print0(engine.data_line(cfg.data, source, (model.config["in_channels"], *[model.config["sample_size"]] * 2), 1))
     logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step)
     bar = engine.progress_bar(cfg.steps, step, "train teacher", dist)
+    wall = engine.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
     while step < cfg.steps:
         # the global batch's randomness from (seed, step): ranks take slices, resume is exact
         g = engine.rank_generator(cfg.seed, step)
@@ -226,14 +228,19 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
         logger.add(loss=total)
         bar.update(1)
         logger.maybe_print(step, device)
-        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+        last = step == cfg.steps or wall.stop(cfg.time_budget, step, cfg.steps)  # --time-budget: checkpoint, export
+        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or last):
             if dist.main:
                 engine.save_state(state_path, step, {"model": model, "ema": ema}, {"opt": opt},
                                   extra={"preset": preset, **dataclasses.asdict(cfg)})
+                wall.save(step)
             engine.barrier()
+        if last:
+            break
     bar.close()
     if dist.main:
         save_pipeline(cfg.out, ema, schedule, encoder)
+        wall.save(step)
         engine.print0(f"teacher (EMA) written to {cfg.out}")
     engine.barrier()
 

@@ -1,6 +1,7 @@
 """The fast caption path: a caption folder's images decoded once into memory (exactly the pixels decoded from disk),
 nothing decoded for a request that needs captions only, each torchrun rank reading only its own micro-batches (2
-processes give the update of 1), bad folders in one line naming the file."""
+processes give the update of 1), bad folders in one line naming the file; train.py --time-budget."""
+import json
 import os
 import socket
 import subprocess
@@ -202,3 +203,28 @@ def test_bad_folders_are_one_line_naming_the_file(tmp_path):
     mixed = tmp_path / "mixed"
     write_varied_folder(mixed, n=2)
     one_line(ValueError, lambda: CaptionFolder(str(mixed), size=None), "im0.png", "im1.jpg", "pass a size")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. train.py --time-budget
+# --------------------------------------------------------------------------------------------------
+def toy_train(out, *extra):
+    return ["--out", str(out), "--toy-images", "64", "--toy-size", "8", "--global-batch", "8", "--micro-batch", "8",
+            "--log-every", "1", "--device", "cpu", *extra]
+
+
+def test_train_time_budget_stops_checkpoints_and_exports(tmp_path, monkeypatch, capsys):
+    clock = iter(range(0, 10_000, 40))  # every reading of the clock is 40 s later
+    monkeypatch.setattr(engine.Wall, "clock", staticmethod(lambda: float(next(clock))))
+    out = tmp_path / "teacher"
+    train.main(toy_train(out, "--steps", "50", "--time-budget", "2", "--ckpt-every", "100"))
+    step = engine.read_state(str(out / "state.safetensors"))[1]["step"]
+    wall = json.loads((out / "wall.json").read_text())
+    assert 1 < step < 50 and wall["step"] == step and wall["seconds"] >= 120
+    assert (out / "unet" / "config.json").is_file() and (out / "conditioning.json").is_file()
+    lines = capsys.readouterr().out.splitlines()
+    assert f"--time-budget 2 min spent at step {step} of 50: stopping, checkpoint and export" in lines
+    # a resumed run may change the budget, and goes on from the checkpoint
+    train.main(toy_train(out, "--steps", f"{step + 1}", "--resume", "auto"))
+    assert engine.read_state(str(out / "state.safetensors"))[1]["step"] == step + 1
+    assert "time_budget 2.0 → 0.0" in capsys.readouterr().out

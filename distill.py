@@ -29,7 +29,7 @@ from pipeline import save_pipeline
 # what a resumed run may change: its length, logging, learning rates (each method's lr_of) and how it runs;
 # everything else (the networks, the method, the data, the seed) would silently make another run: refused
 RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume", "overwrite",
-                               "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "preset"})
+                               "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "threads", "preset"})
 
 
 def parse_args(argv=None):
@@ -85,6 +85,7 @@ def main(argv=None) -> None:
 def run(cfg, preset: str, dist: engine.Dist):
     cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     check(cfg)  # nonsense values: one line before the folder is even made
+    threads = engine.use_threads(cfg.threads)
     engine.start_progress(cfg.out)
     # the folder first: a second run into it stops here at once, not after minutes of loading the teacher
     lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
@@ -106,7 +107,7 @@ def run(cfg, preset: str, dist: engine.Dist):
             json.dump({"method": method, "preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
     n_params = sum(p.numel() for p in distiller.student.parameters()) / 1e6
     engine.print0(f"distill: preset {preset}, method {method}, {dist.world} process(es), accumulation "
-                  f"{distiller.accum}, student {n_params:.2f}M params, sampler {distiller.sampler_spec()}")
+                  f"{distiller.accum}, {threads}, student {n_params:.2f}M params, sampler {distiller.sampler_spec()}")
     engine.print0(engine.data_line(cfg.data, distiller.source, distiller.latent_shape, distiller.pipe.autoencoder.downscale))
     logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
                            start=distiller.step)

@@ -61,6 +61,8 @@ class TrainConfig:
     overwrite: bool = arg(False, "replace the run already in --out (its checkpoint and log are removed)")
     device: str = arg("auto", "auto | cpu | cuda")
     bf16: bool = arg(False, "bf16 autocast on CUDA")
+    threads: int = arg(0, "torch threads per process (0: fit the machine: OMP_NUM_THREADS, else the CPUs less the load "
+                          "of other work; docs/threads.md)")
 
 
 TRAIN_PRESETS = {
@@ -114,7 +116,7 @@ def build_unet(name: str, **overrides) -> UNet:
 
 # what a resumed run may change (see distill.RESUME_CHANGEABLE): length, logging, learning rate, how it runs
 RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "lr", "warmup", "log_every", "ckpt_every", "resume", "overwrite",
-                               "out", "device", "bf16", "preset"})
+                               "out", "device", "bf16", "threads", "preset"})
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -147,6 +149,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
 
 def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     validate(cfg)
+    threads = engine.use_threads(cfg.threads)
     engine.start_progress(cfg.out)
     # the folder first: a second run into it stops here at once, not after the text encoder and data are loaded
     lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
@@ -191,7 +194,7 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
             json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     engine.print0(f"train: preset {preset}, U-Net {cfg.unet} ({n_params:.2f}M params), {cfg.schedule} schedule, "
-                  f"{dist.world} process(es), accumulation {accum}")
+                  f"{dist.world} process(es), accumulation {accum}, {threads}")
     engine.print0(engine.data_line(cfg.data, source, (model.config["in_channels"], *[model.config["sample_size"]] * 2), 1))
     logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step)
     bar = engine.progress_bar(cfg.steps, step, "train teacher", dist)

@@ -57,6 +57,8 @@ class RunConfig:
     bf16: bool = arg(False, "bf16 autocast (CUDA) and bf16 frozen networks")
     grad_ckpt: bool = arg(False, "gradient checkpointing in the trainable networks")
     compile: bool = arg(False, "torch.compile the teacher U-Net")
+    threads: int = arg(0, "torch threads per process (0: fit the machine: OMP_NUM_THREADS, else the CPUs less the load "
+                          "of other work; docs/threads.md)")
 
 
 def student_x0(student, schedule: VPSchedule, x_t: torch.Tensor, t: int, cond, first_t: int | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The fast caption path: a caption folder's images decoded once into memory (exactly the pixels decoded from disk),
 nothing decoded for a request that needs captions only, each torchrun rank reading only its own micro-batches (2
-processes give the update of 1), bad folders in one line naming the file; train.py --time-budget."""
+processes give the update of 1), bad folders in one line naming the file; train.py --time-budget; --threads."""
 import json
 import os
 import socket
@@ -206,7 +206,7 @@ def test_bad_folders_are_one_line_naming_the_file(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. train.py --time-budget
+# 4. train.py --time-budget, --threads
 # --------------------------------------------------------------------------------------------------
 def toy_train(out, *extra):
     return ["--out", str(out), "--toy-images", "64", "--toy-size", "8", "--global-batch", "8", "--micro-batch", "8",
@@ -224,7 +224,39 @@ def test_train_time_budget_stops_checkpoints_and_exports(tmp_path, monkeypatch, 
     assert (out / "unet" / "config.json").is_file() and (out / "conditioning.json").is_file()
     lines = capsys.readouterr().out.splitlines()
     assert f"--time-budget 2 min spent at step {step} of 50: stopping, checkpoint and export" in lines
-    # a resumed run may change the budget, and goes on from the checkpoint
-    train.main(toy_train(out, "--steps", f"{step + 1}", "--resume", "auto"))
+    # a resumed run may change the budget and the threads, and goes on from the checkpoint
+    train.main(toy_train(out, "--steps", f"{step + 1}", "--resume", "auto", "--threads", "1"))
     assert engine.read_state(str(out / "state.safetensors"))[1]["step"] == step + 1
     assert "time_budget 2.0 → 0.0" in capsys.readouterr().out
+
+
+def test_threads_flag_and_the_machine_fit(monkeypatch, capsys):
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for load, n in ((0.1, 2), (0.9, 1), (1.2, 1), (2.5, 1)):  # 2 CPUs: a busy one leaves 1
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert engine.use_threads(0).startswith(f"{n} thread(s) per process (fit: 2 CPUs") and chosen[-1] == n
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of the run share the machine
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert engine.use_threads(0).startswith("1 thread(s)") and chosen[-1] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the environment's word, as torchrun sets it
+    assert engine.use_threads(0) == "3 thread(s) per process (OMP_NUM_THREADS)" and chosen[-1] == 3
+    assert engine.use_threads(5) == "5 thread(s) per process (--threads)" and chosen[-1] == 5  # the flag decides
+    assert "threads" in train.RESUME_CHANGEABLE and "threads" in distill.RESUME_CHANGEABLE
+    for main in (train.main, distill.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "--threads THREADS" in capsys.readouterr().out
+
+
+def test_the_run_says_its_threads_and_puts_them_back(tmp_path, capsys):
+    before = torch.get_num_threads()
+    train.main(toy_train(tmp_path / "t", "--steps", "1", "--threads", "2"))
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train: preset"))
+    assert header.endswith("2 thread(s) per process (--threads)") and torch.get_num_threads() == before
+    with pytest.raises(SystemExit) as e:
+        train.main(toy_train(tmp_path / "u", "--steps", "1", "--threads", "-1"))
+    assert e.value.code == 2 and "--threads must be ≥ 0" in capsys.readouterr().out

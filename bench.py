@@ -5,8 +5,11 @@ Benchmarks (random weights: speed, never quality; GPU-only rows read "not measur
   3. distill   one train_step under torch.profiler, by the record_function labels in methods/imagine_flash.py and
                methods/common.py; peak memory; what batched CFG and gradient checkpointing buy
   4. scaling   distill.py's toy preset with 1 and 2 CPU processes (torchrun, gloo); GPU cost PROJECTED from FLOPs
+  5. data      a caption folder's cost per iteration (32 px, batch 64): decoded from disk at every access (the old
+               path) vs decoded once and held in memory (data.CaptionFolder.images); writes its own folder of PNGs
 
     python bench.py [--quick] [--only unet sampling] [--threads 2] [--out runs/bench]
+    python bench.py --only data --threads 1        (docs/bench_data_cost.md)
 Writes <out>/bench_results.md and .json (machine, torch version, device, dtype in the header).
 """
 import argparse
@@ -31,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import distill
 import engine
 from conditioning import LabelEncoder
-from data import TOY_CLASSES
+from data import TOY_CLASSES, Source, make_toy
 from methods import imagine_flash
 from pipeline import save_pipeline
 from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_timesteps, trailing, uniform
@@ -39,7 +42,7 @@ from schedule import VPSchedule
 from unet import UNet
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("sampling", "unet", "distill", "scaling")
+SECTIONS = ("sampling", "unet", "distill", "scaling", "data")
 NO_GPU = "not measured (no GPU)"
 VARIANTS = {"sd15_small": ("sd15", dict(block_out_channels=[64, 128, 256, 256], sample_size=32))}  # CPU-sized SD-1.5
 TOKENS = {"sd15": 77}  # conditioning tokens per prompt (CLIP); the toy label encoder gives one
@@ -477,6 +480,68 @@ def bench_scaling(b, tmp: str) -> list:
                    "VAE encoder on the real 512² image. Text encoder, optimizer and communication are left out"])]
 
 
+# 5. data: what a caption folder costs per iteration -----------------------------------------------------------------
+DATA_CASES = {False: (320, 64, 12), True: (64, 16, 2)}  # by quick: (images in the folder, batch, timed iterations)
+DATA_SIZE = 32  # px, the t2i_small teacher's resolution
+
+
+def write_caption_folder(folder: str, n: int, size: int) -> str:
+    """n toy pictures (data.make_toy: a shape on a noisy gradient) as `size`-px PNG files, each with its class name as
+    its caption: a caption folder any machine writes in seconds."""
+    from PIL import Image
+    images, labels = make_toy(n, seed=0, size=size)
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (n, H, W, 3)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(pixels[i]).save(os.path.join(folder, f"{i:05d}.png"))
+        with open(os.path.join(folder, f"{i:05d}.txt"), "w") as f:
+            f.write(f"a {TOY_CLASSES[labels[i]]}\n")
+    return folder
+
+
+def bench_data(b, tmp: str) -> list:
+    """One iteration's Source.get of a random batch (what train.py and Distiller.conditions ask for), three ways: every
+    image decoded from disk at every access (the path before the in-memory store), the in-memory store after its
+    first pass (steady state), and the captions alone (a method that needs no real images)."""
+    n, batch, reps = DATA_CASES[b.quick]
+    folder = write_caption_folder(os.path.join(tmp, f"captions{DATA_SIZE}"), n, DATA_SIZE)
+    disk, held = Source(folder, size=DATA_SIZE, in_memory=False), Source(folder, size=DATA_SIZE)
+    t0 = time.perf_counter()
+    held.get(torch.arange(n))  # the first pass: every image decoded once, into memory
+    first_ms = 1000 * (time.perf_counter() - t0)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(n, (batch,), generator=g) for _ in range(reps + 1)]  # one warm-up call, then reps
+    identical = all(torch.equal(disk.get(idx)[0], held.get(idx)[0]) for idx in batches[:2])
+    ways = {"decoded from disk at every access (before)": lambda idx: disk.get(idx),
+            "held in memory: uint8 rows → float (after)": lambda idx: held.get(idx),
+            "captions only (images=False)": lambda idx: held.get(idx, images=False)}
+    its = {name: iter(batches) for name in ways}  # every way sees the same batches, in the same order
+    fns = {name: lambda f=f, name=name: f(next(its[name])) for name, f in ways.items()}
+    sec = time_alternating(fns, reps, 1, "cpu")
+    # for scale: one training step of the toy U-Net (forward + backward) on a batch of the same size
+    model = make_unet("toy").train()
+    x, t = torch.randn(batch, 3, DATA_SIZE, DATA_SIZE), torch.randint(0, 1000, (batch,))
+    cond = torch.randn(batch, 1, model.config["cross_attention_dim"])
+    step = time_alternating({"step": lambda: model(x, t, cond).square().mean().backward()}, 2 if b.quick else 3, 1,
+                            "cpu")["step"]
+    before = sec[next(iter(ways))]
+    rows = [{"path": name, "ms/it": 1000 * sec[name], "µs/image": 1e6 * sec[name] / batch, "vs before": before / sec[name],
+             "% of a toy U-Net step": 100 * sec[name] / step} for name in ways]
+    ratio = before / sec["held in memory: uint8 rows → float (after)"]
+    return [table(f"5. Data: a caption folder's cost per iteration ({DATA_SIZE} px, batch {batch})", list(rows[0]), rows, [
+        f"RATIO before / after: {ratio:.1f}× less data time per iteration",
+        f"{n} PNG files of {DATA_SIZE}×{DATA_SIZE} px written by bench.py (toy pictures, captions = class names), "
+        f"opened with data.Source(folder, size={DATA_SIZE}); medians of {reps} alternating iterations, each a fresh "
+        f"random batch of {batch} indices (repeats allowed, as training draws them)",
+        f"first pass (each image decoded once, into memory; once per process, spread over the first iterations): "
+        f"{first_ms:.0f} ms for {n} images, {first_ms / n:.2f} ms/image; the store: {n * 3 * DATA_SIZE ** 2 / 2**20:.1f} "
+        "MB (uint8)",
+        f"toy U-Net step for scale: forward + backward of the toy U-Net at batch {batch}, {DATA_SIZE} px: "
+        f"{1000 * step:.0f} ms",
+        f"the two image paths return identical tensors: {'yes' if identical else 'NO'}; torch threads: "
+        f"{torch.get_num_threads()}"])]
+
+
 # main ---------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Imagine Flash benchmarks; writes bench_results.md and .json to --out.")
@@ -505,14 +570,16 @@ def main(argv=None) -> dict:
          "diffusers": diffusers_version, "python": sys.version.split()[0], "quick": args.quick,
          "device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": b.dtype_name}
     results = {"machine": m, "sections": {}}
-    run = {"sampling": bench_sampling, "unet": bench_unet, "distill": bench_distill, "scaling": bench_scaling}
+    run = {"sampling": bench_sampling, "unet": bench_unet, "distill": bench_distill, "scaling": bench_scaling,
+           "data": bench_data}
     with tempfile.TemporaryDirectory() as tmp:
         for name in (s for s in SECTIONS if s in args.only):
             results["sections"][name] = run[name](b, tmp)
             print("\n".join(render_markdown(t) for t in results["sections"][name]), flush=True)
     m["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    command = " ".join(["python bench.py", *(sys.argv[1:] if argv is None else argv)])
     md = ["# Imagine Flash benchmarks", "",
-          f"`python bench.py{' --quick' if m['quick'] else ''}` on {m['date']}: **{m['cpu']}**, {m['cores']} logical "
+          f"`{command}` on {m['date']}: **{m['cpu']}**, {m['cores']} logical "
           f"CPUs, {m['threads']} torch thread(s), load average {m['load_avg_1m']} → {m['load_avg_1m_at_end']}; "
           f"torch {m['torch']}, diffusers {m['diffusers']}, Python {m['python']}; device **{m['device']}**, "
           f"dtype {m['dtype']}.", ""] + [render_markdown(t) for ts in results["sections"].values() for t in ts]

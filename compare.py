@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 
+import torch
 from tqdm.auto import tqdm
 
 import distill
@@ -32,12 +33,13 @@ HOW_IT_RAN = {"resume", "overwrite", "out", "device", "threads", "log_every", "s
 
 
 def distill_args(args, method: str, seed: int, out: str) -> list[str]:
-    """The distill.py flags of one student: its method, preset, teacher, seed, the shared budget and --distill-args."""
+    """The distill.py flags of one student: its method, preset, teacher, seed, the shared budget, this command's
+    thread count (chosen once: every method gets the same) and --distill-args."""
     budget = ["--time-budget", str(args.minutes)] if args.minutes > 0 else []
     if budget and not getattr(METHODS[method], "FIXED_STEPS", False):  # the budget, not the preset, sets the length
         budget += ["--steps", "1000000"]
     return ["--method", method, "--preset", args.preset, "--teacher", args.teacher, "--out", out, "--seed", str(seed),
-            "--resume", "auto", *budget, *args.distill_args]
+            "--resume", "auto", *budget, "--threads", str(torch.get_num_threads()), *args.distill_args]
 
 
 def check_cached(out: str, cfg, preset: str, method: str, teacher_fp: str) -> None:
@@ -145,6 +147,8 @@ def main(argv=None) -> None:
                                                      "images (default: toy: generated; a folder: 1 in 8 of its own)")
     p.add_argument("--clip", default=None, help="CLIP model folder or hub id for the CLIP score (default: none)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for every run; 0 fits the machine once, as "
+                                                         "distill.py --threads 0 (default: 0)")
     p.add_argument("--distill-args", nargs=argparse.REMAINDER, default=[],
                    help="extra distill.py flags for every run, e.g. --steps 300; must come last")
     args = p.parse_args(argv)
@@ -159,11 +163,13 @@ def main(argv=None) -> None:
     if args.n < 2 or args.batch_size < 1 or args.grid_cols < 1:
         p.error(f"--n must be ≥ 2 (a covariance needs two samples), --batch-size and --grid-cols ≥ 1; "
                 f"got {args.n}, {args.batch_size}, {args.grid_cols}")
-    if args.minutes < 0 or args.cfg_scale < 0:
-        p.error(f"--minutes and --cfg-scale must be ≥ 0, got {args.minutes} and {args.cfg_scale}")
+    if args.minutes < 0 or args.cfg_scale < 0 or args.threads < 0:
+        p.error(f"--minutes, --cfg-scale and --threads must be ≥ 0, got {args.minutes}, {args.cfg_scale} and "
+                f"{args.threads}")
     engine.start_progress(None)  # no training run yet in this command
 
     def body():
+        print(f"compare: {engine.use_threads(args.threads)}")
         for method in methods:  # every student's flags parse and make sense before any work
             distill.check(distill.parse_args(distill_args(args, method, seeds[0], os.path.join(args.out, method, "s")))[0])
         from evaluate import check_out

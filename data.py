@@ -5,7 +5,8 @@
   The class is given to the denoiser as one conditioning token, so a distilled student can be
   scored by whether its samples show the shape and colour that were asked for (metrics.py).
 - `cifar10`: torchvision's CIFAR-10 in [-1, 1] (the DDPM-CIFAR10 teacher's data range).
-- `CaptionFolder`: an image-caption folder (`cat.jpg` + `cat.txt`) for the text-to-image preset.
+- `CaptionFolder`: an image-caption folder (`cat.jpg` + `cat.txt`) for the text-to-image preset; each image is
+  decoded once, at the training size, and then served from memory as uint8.
 - `read_prompts`: one prompt per line, for evaluation and for the prompt-only backward distillation
   loss (Eq. 7 needs noise and conditions, no images).
 - `encode_latents`: a caption folder through the teacher's VAE ONCE, kept in a safetensors file and reused
@@ -136,76 +137,120 @@ def cifar10(root: str, train: bool = True, download: bool = False) -> Dataset:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _to_tensor(image):
-    """PIL RGB image -> float32 (3, H, W) in [-1, 1]."""
-    import torchvision.transforms.functional as TF
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (…, 3, H, W) -> float32 in [-1, 1] (in place on the new float tensor: one allocation)."""
+    return pixels.float().div_(127.5).sub_(1)
 
-    return TF.pil_to_tensor(image).float().div(127.5).sub(1)
+
+def memory_budget() -> int:
+    """Bytes a caption folder's decoded images may take in memory: a quarter of the machine's RAM, shared among the
+    processes torchrun starts on it (each holds the images it uses)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 class CaptionFolder(Dataset):
-    """Images with captions: every `name.png|jpg|jpeg|webp` (searched recursively) has a `name.txt`.
+    """Images with captions: every `name.png|jpg|jpeg|webp` (searched recursively) has a `name.txt`, and every
+    `name.txt` an image.
 
     Items are (image (3, size, size) in [-1, 1], caption str). Images are resized (shorter side to
     `size`, bicubic with antialias) and center-cropped. With size=None images are used as they are,
     and must then all have one size so that they batch.
 
-    Captions are checked when the folder is opened; images are decoded lazily in __getitem__ (an
-    unreadable one raises there, naming the file), so opening a folder of a million images is quick.
-    With size=None the image headers are read up front to check the sizes.
+    Captions are checked when the folder is opened; images are decoded lazily (an unreadable one raises then, naming
+    the file), so opening a folder of a million images is quick. With size=None the image headers are read up front
+    to check the sizes.
+
+    `images(idx)`, what training reads, decodes each image once, the first time it is asked for, into a uint8 store
+    (N, 3, H, W) held in memory, and converts only the requested rows to float: decoding a PNG costs far more than a
+    small U-Net step, converting a row almost nothing. Captions likewise are read once, at first use. In memory
+    rather than a file on disk: every process decodes only the images its own micro-batches use, no process waits for
+    a pass over the whole folder, and nothing goes stale when the folder changes between runs. A store larger than
+    memory_budget() (a big folder at 512 px: pass a latent cache) and in_memory=False read images and captions from
+    disk at every access instead, as __getitem__ always decodes.
     """
 
-    def __init__(self, root: str, size: int | None = 512, captions: bool = True):
+    def __init__(self, root: str, size: int | None = 512, captions: bool = True, in_memory: bool = True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"caption folder {root!r} does not exist")
         self.root, self.size, self.captions = root, size, captions  # captions=False: plain images ("" captions)
-        self.paths = sorted(
-            os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+        self.paths = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.paths:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in caption folder {root!r}")
-        for path in self.paths if captions else []:
-            if not os.path.isfile(os.path.splitext(path)[0] + ".txt"):
-                raise FileNotFoundError(f"image {path!r} has no caption file {os.path.splitext(path)[0] + '.txt'!r}")
+        if captions:
+            for path in self.paths:
+                if not os.path.isfile(os.path.splitext(path)[0] + ".txt"):
+                    raise FileNotFoundError(f"image {path!r} has no caption file {os.path.splitext(path)[0] + '.txt'!r}")
+            stems = {os.path.splitext(path)[0] for path in self.paths}
+            for path in files:
+                if path.endswith(".txt") and path[:-4] not in stems:
+                    raise FileNotFoundError(f"caption file {path!r} has no image ({'|'.join(IMAGE_EXTENSIONS)} of the "
+                                            "same name): add it or move the caption out of the folder")
         if size is None:
-            first = self._open(self.paths[0]).size
+            first = self._header(self.paths[0])
             for path in self.paths[1:]:
-                if (other := self._open(path).size) != first:
+                if (other := self._header(path)) != first:
                     raise ValueError(
                         f"images differ in size ({self.paths[0]!r} is {first[0]}x{first[1]}, {path!r} is "
                         f"{other[0]}x{other[1]}); pass a size to resize and crop them"
                     )
+            self.image_shape = (3, first[1], first[0])  # PIL sizes are (W, H)
+        else:
+            self.image_shape = (3, size, size)
+        self.store_bytes = len(self.paths) * math.prod(self.image_shape)  # uint8: one byte per value
+        self.in_memory = in_memory and self.store_bytes <= memory_budget()
+        self.store, self.held = None, None  # (N, 3, H, W) uint8 and (N,) bool: made at the first images() call
+        self.texts = [None] * len(self.paths)  # captions read so far (in memory)
 
     @staticmethod
-    def _open(path):
+    def _header(path) -> tuple[int, int]:
         try:
-            return Image.open(path)  # reads the header only; pixels are decoded on first use
+            with Image.open(path) as image:  # reads the header only
+                return image.size
         except Exception as e:
             raise ValueError(f"cannot read image {path!r}: {type(e).__name__}: {e}".replace("\n", " ")) from None
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def decode(self, i: int) -> torch.Tensor:
+        """Image i read from disk now, resized and cropped: uint8 (3, H, W)."""
         import torchvision.transforms.functional as TF
 
         path = self.paths[i]
-        image = self._open(path)
         try:
-            image = image.convert("RGB")
-        except Exception as e:  # truncated or corrupt data surfaces on decode
+            with Image.open(path) as image:
+                image = image.convert("RGB")  # truncated or corrupt data surfaces here, on decode
+        except Exception as e:
             raise ValueError(f"cannot read image {path!r}: {type(e).__name__}: {e}".replace("\n", " ")) from None
         if self.size is not None:
             image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
             image = TF.center_crop(image, self.size)
-        return _to_tensor(image), self.caption(i)
+        return TF.pil_to_tensor(image)
+
+    def __getitem__(self, i):
+        return to_unit(self.decode(i)), self.caption(i)
+
+    def images(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images of indices idx (B,) as float32 (B, 3, H, W) in [-1, 1]; each decoded once, then from memory."""
+        if not self.in_memory:
+            return torch.stack([to_unit(self.decode(i)) for i in idx.tolist()])
+        if self.store is None:  # untouched pages cost no memory: the store fills as images are first used
+            self.store = torch.empty(len(self), *self.image_shape, dtype=torch.uint8)
+            self.held = torch.zeros(len(self), dtype=torch.bool)
+        for i in idx[~self.held[idx]].unique().tolist():
+            self.store[i] = self.decode(i)
+            self.held[i] = True
+        return to_unit(self.store[idx])
 
     def caption(self, i: int) -> str:
-        """The caption of image i, read now (so an edited caption is picked up)."""
+        """The caption of image i: read at its first use and kept (in_memory=False: read at every use)."""
         if not self.captions:
             return ""
-        return read_text(os.path.splitext(self.paths[i])[0] + ".txt").strip()
+        if self.texts[i] is None or not self.in_memory:
+            self.texts[i] = read_text(os.path.splitext(self.paths[i])[0] + ".txt").strip()
+        return self.texts[i]
 
     def image_fingerprint(self) -> str:
         """A short hash of the image files as they are now: each one's path in the folder, size and modification
@@ -340,9 +385,12 @@ def read_latents(path: str, key: dict):
 # --------------------------------------------------------------------------------------------------
 class Source:
     """Index → (images in [−1, 1] or None, prompts). Prompts are a LongTensor of labels (toy), a list of
-    strings (captions) or None (unconditional). After use_latents, images are pre-encoded latents (`encoded`)."""
+    strings (captions) or None (unconditional). After use_latents, images are pre-encoded latents (`encoded`).
+    A caption folder's images are decoded once and then served from memory (CaptionFolder.images; in_memory=False:
+    from disk at every access)."""
 
-    def __init__(self, spec: str, toy_images: int = 20000, toy_size: int = 16, seed: int = 0, size: int | None = 512):
+    def __init__(self, spec: str, toy_images: int = 20000, toy_size: int = 16, seed: int = 0, size: int | None = 512,
+                 in_memory: bool = True):
         self.images, self.prompts, self.captions, self.latents = None, None, None, None
         if spec == "toy":
             self.images, self.prompts = make_toy(toy_images, seed=seed, size=toy_size)
@@ -354,7 +402,7 @@ class Source:
             self.captions = read_prompts(spec)
             self.n = len(self.captions)
         else:
-            self.dataset = CaptionFolder(spec, size=size)
+            self.dataset = CaptionFolder(spec, size=size, in_memory=in_memory)
             self.n = len(self.dataset)
         self.spec = spec
 
@@ -366,21 +414,42 @@ class Source:
     def encoded(self) -> bool:
         return self.latents is not None
 
+    @property
+    def image_shape(self) -> tuple | None:
+        """(C, H, W) of the images get() returns, known without reading any; None for a prompts list."""
+        if self.latents is not None:
+            return tuple(self.latents.shape[1:])
+        if self.images is not None:
+            return tuple(self.images.shape[1:])
+        if self.captions is not None:
+            return None
+        return (3, 32, 32) if self.spec.startswith("cifar10") else self.dataset.image_shape
+
+    def storage(self) -> str:
+        """Where get()'s images come from, for the run's data line ("" when there is nothing to say)."""
+        folder = getattr(self, "dataset", None)
+        if self.encoded or not isinstance(folder, CaptionFolder):
+            return ""
+        size = f"{folder.store_bytes / 2**20:.0f} MB"
+        if folder.in_memory:
+            return f", each image decoded once and held in memory (uint8, {size} when all are used)"
+        return f", decoded from disk at every access (held in memory they would take {size})"
+
     def use_latents(self, path: str, autoencoder, dist, batch_size: int = 16) -> None:
         """From now on serve the caption folder's latents from the cache at `path` (encode_latents)."""
         if not isinstance(getattr(self, "dataset", None), CaptionFolder):
             raise ValueError(f"--latent-cache needs an image–caption folder as --data, got {self.spec!r}")
         self.latents, self.latent_captions = encode_latents(path, self.dataset, autoencoder, dist, batch_size)
 
-    def get(self, idx: torch.Tensor):
+    def get(self, idx: torch.Tensor, images: bool = True):
+        """(images (B, C, H, W) or None, prompts) of the data indices idx (B,). images=False: the prompts alone, and
+        no image is read or decoded (a method that needs no real images)."""
         if self.latents is not None:
-            return self.latents[idx].float(), [self.latent_captions[i] for i in idx.tolist()]
+            return (self.latents[idx].float() if images else None), [self.latent_captions[i] for i in idx.tolist()]
         if self.images is not None:
-            return self.images[idx], self.prompts[idx]
+            return (self.images[idx] if images else None), self.prompts[idx]
         if self.captions is not None:
             return None, [self.captions[i] for i in idx.tolist()]
-        items = [self.dataset[i] for i in idx.tolist()]
-        images = torch.stack([x for x, _ in items])
-        if self.spec.startswith("cifar10"):
-            return images, None  # the DDPM-CIFAR10 teacher is unconditional
-        return images, [p for _, p in items]
+        if self.spec.startswith("cifar10"):  # the DDPM-CIFAR10 teacher is unconditional
+            return (torch.stack([self.dataset[i][0] for i in idx.tolist()]) if images else None), None
+        return (self.dataset.images(idx) if images else None), [self.dataset.caption(i) for i in idx.tolist()]

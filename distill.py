@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -30,7 +29,7 @@ from pipeline import save_pipeline
 # what a resumed run may change: its length, logging, learning rates (each method's lr_of) and how it runs;
 # everything else (the networks, the method, the data, the seed) would silently make another run: refused
 RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume", "overwrite",
-                               "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "preset"})
+                               "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "threads", "preset"})
 
 
 def parse_args(argv=None):
@@ -86,6 +85,7 @@ def main(argv=None) -> None:
 def run(cfg, preset: str, dist: engine.Dist):
     cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     check(cfg)  # nonsense values: one line before the folder is even made
+    threads = engine.use_threads(cfg.threads)
     engine.start_progress(cfg.out)
     # the folder first: a second run into it stops here at once, not after minutes of loading the teacher
     lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
@@ -105,14 +105,14 @@ def run(cfg, preset: str, dist: engine.Dist):
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump({"method": method, "preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
+    n_params = sum(p.numel() for p in distiller.student.parameters()) / 1e6
     engine.print0(f"distill: preset {preset}, method {method}, {dist.world} process(es), accumulation "
-                  f"{distiller.accum}, student {sum(p.numel() for p in distiller.student.parameters()) / 1e6:.2f}M "
-                  f"params, sampler {distiller.sampler_spec()}")
+                  f"{distiller.accum}, {threads}, student {n_params:.2f}M params, sampler {distiller.sampler_spec()}")
     engine.print0(engine.data_line(cfg.data, distiller.source, distiller.latent_shape, distiller.pipe.autoencoder.downscale))
     logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
                            start=distiller.step)
     bar = engine.progress_bar(cfg.steps, distiller.step, "distill", dist)
-    wall = Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
+    wall = engine.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
     while distiller.step < cfg.steps:
         logs = distiller.train_step()
         engine.check_finite(distiller.step, logs, distiller.student)  # NaN/Inf: stop before anything is written
@@ -123,11 +123,7 @@ def run(cfg, preset: str, dist: engine.Dist):
         bar.update(1)
         logger.maybe_print(distiller.step, dist.device)
         s = distiller.step
-        budget_spent = s < cfg.steps and wall.spent(cfg.time_budget)  # --time-budget: stop here, checkpoint, export
-        last = s == cfg.steps or budget_spent
-        if budget_spent:
-            engine.print0(f"--time-budget {cfg.time_budget:g} min spent at step {s} of {cfg.steps}: stopping, "
-                          "checkpoint and export")
+        last = s == cfg.steps or wall.stop(cfg.time_budget, s, cfg.steps)  # --time-budget: stop, checkpoint, export
         if cfg.ckpt_every and (s % cfg.ckpt_every == 0 or last):
             if dist.main:
                 engine.save_state(state_path, s, *distiller.state(),
@@ -147,34 +143,6 @@ def run(cfg, preset: str, dist: engine.Dist):
         engine.print0(f"student (EMA) written to {os.path.join(cfg.out, 'student')}")
     engine.barrier()
     return distiller
-
-
-class Wall:
-    """The distillation's wall time in <out>/wall.json, summed over the invocations of a resumed run (up to its
-    last checkpoint): what compare.py reports as each method's budget."""
-
-    clock = staticmethod(time.perf_counter)
-
-    def __init__(self, path: str, resumed: bool):
-        self.path, self.t0 = path, self.clock()
-        self.before = json.load(open(path))["seconds"] if resumed and os.path.isfile(path) else 0.0
-
-    def seconds(self) -> float:
-        return self.before + self.clock() - self.t0
-
-    def spent(self, budget_minutes: float) -> bool:
-        """Is the budget used up? Rank 0's clock decides for every rank (they must stop at the same step)."""
-        if budget_minutes <= 0:
-            return False
-        flag = torch.tensor([float(self.seconds() >= 60 * budget_minutes)])
-        if torch.distributed.is_initialized():
-            flag = flag.to(engine.collective_device())
-            torch.distributed.broadcast(flag, 0)
-        return bool(flag.item())
-
-    def save(self, step: int) -> None:
-        with open(self.path, "w") as f:
-            json.dump({"seconds": self.seconds(), "step": step}, f)
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 12) -> None:

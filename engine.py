@@ -20,6 +20,8 @@ Running one training script at every scale: shared by train.py (teacher) and dis
                       loaded) and removes the temporary files of writers that died
   check_resume        which config fields a resumed run may change (steps, lr, …) and which it may not
   check_finite        stops a run whose losses or weights went NaN/Inf before it writes anything
+  Wall                a run's wall time over its invocations, and --time-budget's stop
+  use_threads         --threads: torch's intra-op threads, set from the flag, OMP_NUM_THREADS or the machine's load
 """
 import argparse
 import copy
@@ -152,11 +154,35 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def use_threads(requested: int = 0) -> str:
+    """Set torch's intra-op thread count for this process (--threads); returns how many and why, for the run's first
+    lines. requested > 0 decides. 0 fits the machine: OMP_NUM_THREADS when the environment sets it (torchrun sets 1
+    for several processes), else the CPUs this process may run on, shared among this machine's processes of the run
+    (LOCAL_WORLD_SIZE), less the CPUs other work keeps busy (the 1-minute load average), and at least 1. Threads
+    that wait for a core another process holds make a small model's step several times slower than one thread
+    (docs/threads.md)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested > 0:
+        n, why = requested, "--threads"
+    elif env.isdigit() and int(env) > 0:
+        n, why = int(env), "OMP_NUM_THREADS"
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        load = os.getloadavg()[0]
+        n = max(1, min(cpus // local, round(cpus - load) // local))
+        why = f"fit: {cpus} CPUs, {local} process(es) of this run, load {load:.1f}"
+    torch.set_num_threads(n)
+    return f"{n} thread(s) per process ({why})"
+
+
 def launch(run, cfg, preset: str) -> None:
     """The `main` of train.py and distill.py: processes, per-rank seed, run(cfg, preset, dist), under one_line_errors:
     bad input or a failed write ends every rank with one `error: …` line and exit code 2, Ctrl-C (130) and SIGTERM
-    (143) with one line saying where the last checkpoint is."""
+    (143) with one line saying where the last checkpoint is. The thread count the run sets (use_threads) is put back
+    afterwards, for a caller in the same process."""
     held = len(_HELD)  # the folders this run claims come after these
+    threads = torch.get_num_threads()
 
     def body():
         dist_ = setup_distributed(cfg.device)
@@ -168,8 +194,11 @@ def launch(run, cfg, preset: str) -> None:
         release_run(failed=failed, since=held)
         if dist_initialized():  # no barrier: the other ranks are failing or being interrupted too
             torch.distributed.destroy_process_group()
-    one_line_errors(body, cleanup=stopped, where=where_stopped)
-    cleanup_distributed()
+    try:
+        one_line_errors(body, cleanup=stopped, where=where_stopped)
+        cleanup_distributed()
+    finally:
+        torch.set_num_threads(threads)
 
 
 # what ends a command with one line and exit code 2: bad input (ValueError, FileNotFoundError) and any failed read or
@@ -291,6 +320,8 @@ def validate_common(cfg) -> None:
         (0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.log_every >= 1, f"--log-every must be ≥ 1, got {cfg.log_every}"),
         (cfg.ckpt_every >= 0, f"--ckpt-every must be ≥ 0 (0: never), got {cfg.ckpt_every}"),
+        (cfg.time_budget >= 0, f"--time-budget must be ≥ 0 minutes (0: no limit), got {cfg.time_budget}"),
+        (cfg.threads >= 0, f"--threads must be ≥ 0 (0: fit the machine), got {cfg.threads}"),
         (cfg.data != "toy" or cfg.toy_images >= 1, f"--toy-images must be ≥ 1 for toy data, got {cfg.toy_images}"),
         (cfg.data != "toy" or cfg.toy_size >= 4, f"--toy-size must be ≥ 4 pixels, got {cfg.toy_size}"),
         (not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out} is a file, not a folder"),
@@ -299,12 +330,13 @@ def validate_common(cfg) -> None:
 
 
 def data_line(spec: str, source, latent_shape: tuple, downscale: int) -> str:
-    """The run's data in one line: how many images (or prompts) were found, image and latent size, latent cache."""
+    """The run's data in one line: how many images (or prompts) were found, image and latent size, latent cache, and
+    whether a caption folder's images are held in memory."""
     kind = "images" if source.has_images else "prompts (no images)"
     size = latent_shape[-1] * downscale
     space = f"latents {'×'.join(map(str, latent_shape))}" if downscale > 1 else "pixel space"
     cache = ", from the latent cache" if getattr(source, "encoded", False) else ""
-    return f"data {spec}: {source.n} {kind}, {size}×{size} px, {space}{cache}"
+    return f"data {spec}: {source.n} {kind}, {size}×{size} px, {space}{cache}{source.storage()}"
 
 
 def batch_plan(global_batch: int, micro_batch: int, world: int) -> int:
@@ -590,6 +622,41 @@ def check_finite(step: int, logs: dict, *modules: torch.nn.Module) -> None:
              "(lower --lr or the guidance scale)") if bad else None
     agree(error, main_decides=False, elsewhere=f"non-finite loss or weights on another process at step {step}: stopped "
                                                  f"without saving; {last_checkpoint()}")
+
+
+class Wall:
+    """A run's wall time in <out>/wall.json, summed over the invocations of a resumed run (up to its last checkpoint):
+    --time-budget of train.py and distill.py, and what compare.py reports as each method's budget."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, path: str, resumed: bool):
+        self.path, self.t0 = path, self.clock()
+        self.before = json.load(open(path))["seconds"] if resumed and os.path.isfile(path) else 0.0
+
+    def seconds(self) -> float:
+        return self.before + self.clock() - self.t0
+
+    def spent(self, budget_minutes: float) -> bool:
+        """Is the budget used up? Rank 0's clock decides for every rank (they must stop at the same step)."""
+        if budget_minutes <= 0:
+            return False
+        flag = torch.tensor([float(self.seconds() >= 60 * budget_minutes)])
+        if dist.is_initialized():
+            flag = flag.to(collective_device())
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    def stop(self, budget_minutes: float, step: int, total: int) -> bool:
+        """--time-budget: True (and one line saying so) when the budget is spent before the last step."""
+        spent = step < total and self.spent(budget_minutes)
+        if spent:
+            print0(f"--time-budget {budget_minutes:g} min spent at step {step} of {total}: stopping, checkpoint and export")
+        return spent
+
+    def save(self, step: int) -> None:
+        with open(self.path, "w") as f:
+            json.dump({"seconds": self.seconds(), "step": step}, f)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -408,7 +408,8 @@ def ablation(args, device) -> None:
             out = os.path.join(row_dir, f"seed{seed}")
             tqdm.write(f"ablation: {name}, seed {seed}: distill.py {' '.join(flags)}")
             cfg, preset = distill.parse_args(["--teacher", args.teacher, "--out", out, "--resume", "auto",
-                                              "--seed", str(seed), *flags, *args.distill_args])
+                                              "--seed", str(seed), *flags, "--threads", str(torch.get_num_threads()),
+                                              *args.distill_args])  # every row: the thread count chosen once
             check_cached(out, cfg, preset, "imagine_flash", teacher_fp)  # a student made otherwise: refused
             if not os.path.isfile(os.path.join(out, "student", "pipeline.json")):  # the export's last word (atomic)
                 distill.run(cfg, preset, distill_dist(device))
@@ -475,6 +476,8 @@ def main(argv=None) -> None:
                    help="prompts file for a text-conditioned teacher, one per line; overrides the held-out captions "
                         "of a caption-folder --data (default: none: those captions)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads; 0 fits the machine, as distill.py --threads 0 (default: %(default)s)")
     p.add_argument("--ablation", action="store_true",
                    help="distill and evaluate the paper's Table 3 rows (default: off)")
     p.add_argument("--ablation-seeds", default="0,1,2", help="(with --ablation) distillation seeds per row, "
@@ -489,11 +492,14 @@ def main(argv=None) -> None:
         p.error(f"--ablation-seeds must be comma-separated integers, got {args.ablation_seeds!r}")
     if args.cfg_scale < 0:
         p.error(f"--cfg-scale must be ≥ 0 (1: no guidance), got {args.cfg_scale}")
+    if args.threads < 0:
+        p.error(f"--threads must be ≥ 0 (0: fit the machine), got {args.threads}")
 
     engine.start_progress(None)  # no training run yet in this command
 
     def body():
         device = engine.pick_device(args.device)
+        print(f"evaluate: {engine.use_threads(args.threads)}")
         if args.ablation:
             return ablation(args, device)
         results = evaluate(args.teacher, args.student or None, args.out, args.n, args.batch_size, args.cfg_scale,

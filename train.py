@@ -44,6 +44,7 @@ class TrainConfig:
     image_size: int = arg(0, "image size in pixels (0: the U-Net config's sample_size)")
     out: str = arg("runs/demo/teacher", "output folder (the teacher pipeline)")
     steps: int = arg(2500, "training iterations")
+    time_budget: float = arg(0.0, "minutes of training wall time, then stop, checkpoint and export (0: no limit)")
     global_batch: int = arg(128, "samples per iteration over all processes")
     micro_batch: int = arg(128, "samples per forward per process")
     lr: float = arg(1e-3, "Adam learning rate")
@@ -60,6 +61,8 @@ class TrainConfig:
     overwrite: bool = arg(False, "replace the run already in --out (its checkpoint and log are removed)")
     device: str = arg("auto", "auto | cpu | cuda")
     bf16: bool = arg(False, "bf16 autocast on CUDA")
+    threads: int = arg(0, "torch threads per process (0: fit the machine: OMP_NUM_THREADS, else the CPUs less the load "
+                          "of other work; docs/threads.md)")
 
 
 TRAIN_PRESETS = {
@@ -90,16 +93,16 @@ def diffusion_loss(model, schedule: VPSchedule, x0: torch.Tensor, t: torch.Tenso
     return (model(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
 
 
-def drop_labels(labels: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """Labels → −1 (the null condition) with probability p: CFG training."""
-    drop = torch.rand(labels.shape, generator=g) < p
-    return torch.where(drop, torch.full_like(labels, -1), labels)
+def drop_mask(n: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """Which of n samples train on the null condition (CFG training): each with probability p. (n,) bool."""
+    return torch.rand(n, generator=g) < p
 
 
-def drop_captions(captions: list[str], p: float, g: torch.Generator) -> list[str]:
-    """Captions → "" (the null condition: c_∅ is the empty prompt's embedding) with probability p."""
-    drop = torch.rand(len(captions), generator=g) < p
-    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+def drop_conditions(prompts, drop: torch.Tensor):
+    """Where `drop` is True: labels → −1, captions → "" (the null condition: c_∅ is the empty prompt's embedding)."""
+    if torch.is_tensor(prompts):
+        return torch.where(drop, torch.full_like(prompts, -1), prompts)
+    return ["" if d else c for c, d in zip(prompts, drop.tolist())]
 
 
 def build_unet(name: str, **overrides) -> UNet:
@@ -117,8 +120,8 @@ def build_unet(name: str, **overrides) -> UNet:
 
 
 # what a resumed run may change (see distill.RESUME_CHANGEABLE): length, logging, learning rate, how it runs
-RESUME_CHANGEABLE = frozenset({"steps", "lr", "warmup", "log_every", "ckpt_every", "resume", "overwrite", "out", "device",
-                               "bf16", "preset"})
+RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "lr", "warmup", "log_every", "ckpt_every", "resume", "overwrite",
+                               "out", "device", "bf16", "threads", "preset"})
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -151,6 +154,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
 
 def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
     validate(cfg)
+    threads = engine.use_threads(cfg.threads)
     engine.start_progress(cfg.out)
     # the folder first: a second run into it stops here at once, not after the text encoder and data are loaded
     lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
@@ -195,30 +199,31 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
             json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     engine.print0(f"train: preset {preset}, U-Net {cfg.unet} ({n_params:.2f}M params), {cfg.schedule} schedule, "
-                  f"{dist.world} process(es), accumulation {accum}")
+                  f"{dist.world} process(es), accumulation {accum}, {threads}")
     engine.print0(engine.data_line(cfg.data, source, (model.config["in_channels"], *[model.config["sample_size"]] * 2), 1))
     logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step)
     bar = engine.progress_bar(cfg.steps, step, "train teacher", dist)
+    wall = engine.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
     while step < cfg.steps:
         # the global batch's randomness from (seed, step): ranks take slices, resume is exact
         g = engine.rank_generator(cfg.seed, step)
         idx = torch.randint(source.n, (cfg.global_batch,), generator=g)
         t_all = torch.randint(0, schedule.T, (cfg.global_batch,), generator=g)
-        images, prompts = source.get(idx)
-        eps_all = torch.randn(images.shape, generator=g)
-        if torch.is_tensor(prompts):
-            prompts = drop_labels(prompts, cfg.cond_drop, g)
-        elif prompts is not None:
-            prompts = drop_captions(prompts, cfg.cond_drop, g)
+        eps_all = torch.randn(cfg.global_batch, *source.image_shape, generator=g)
+        drop = drop_mask(cfg.global_batch, cfg.cond_drop, g)
         total = 0.0
         for m in range(accum):
             start = (m * dist.world + dist.rank) * cfg.micro_batch
             sl = slice(start, start + cfg.micro_batch)
+            # this rank's micro-batch only: its images are decoded (or read from memory) here, no other rank's
+            images, prompts = source.get(idx[sl])
+            if prompts is not None:
+                prompts = drop_conditions(prompts, drop[sl])
             with torch.no_grad():
-                cond, _ = encode_prompts(encoder, prompts[sl] if prompts is not None else None, device)
+                cond, _ = encode_prompts(encoder, prompts, device)
             sync = m == accum - 1 or dist.world == 1
             with (model_ddp.no_sync() if not sync else torch.enable_grad()), engine.autocast(dist, cfg.bf16):
-                loss = diffusion_loss(model_ddp, schedule, images[sl].to(device), t_all[sl].to(device),
+                loss = diffusion_loss(model_ddp, schedule, images.to(device), t_all[sl].to(device),
                                       eps_all[sl].to(device), cond).mean()
                 (loss / accum).backward()
             total += loss.item() / accum
@@ -231,14 +236,19 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
         logger.add(loss=total)
         bar.update(1)
         logger.maybe_print(step, device)
-        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+        last = step == cfg.steps or wall.stop(cfg.time_budget, step, cfg.steps)  # --time-budget: checkpoint, export
+        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or last):
             if dist.main:
                 engine.save_state(state_path, step, {"model": model, "ema": ema}, {"opt": opt},
                                   extra={"preset": preset, **dataclasses.asdict(cfg)})
+                wall.save(step)
             engine.barrier()
+        if last:
+            break
     bar.close()
     if dist.main:
         save_pipeline(cfg.out, ema, schedule, encoder)
+        wall.save(step)
         engine.print0(f"teacher (EMA) written to {cfg.out}")
     engine.barrier()
 

@@ -57,6 +57,8 @@ class RunConfig:
     bf16: bool = arg(False, "bf16 autocast (CUDA) and bf16 frozen networks")
     grad_ckpt: bool = arg(False, "gradient checkpointing in the trainable networks")
     compile: bool = arg(False, "torch.compile the teacher U-Net")
+    threads: int = arg(0, "torch threads per process (0: fit the machine: OMP_NUM_THREADS, else the CPUs less the load "
+                          "of other work; docs/threads.md)")
 
 
 def student_x0(student, schedule: VPSchedule, x_t: torch.Tensor, t: int, cond, first_t: int | None = None) -> torch.Tensor:
@@ -177,13 +179,15 @@ class Distiller:
     @torch.no_grad()
     def conditions(self, idx: torch.Tensor, need_images: bool = True):
         """(c, c_∅, x0_real) for the data indices of one micro-batch: the prompts' embeddings (shared by every
-        network) and the real images in the diffusion space (cached latents, or encoded now), or None."""
-        images, prompts = self.source.get(idx.cpu())
+        network) and the real images in the diffusion space (cached latents, or encoded now), or None.
+        need_images=False: the prompts alone; no image is read or decoded. Each rank asks for its own micro-batches
+        only, so it reads only their images."""
+        images, prompts = self.source.get(idx.cpu(), images=need_images)
         cond, null_cond = encode_prompts(self.pipe.encoder, prompts, self.dist.device)
         if cond is not None:
             cond, null_cond = cond.float(), null_cond.float()
         x0_real = None
-        if images is not None and need_images:
+        if images is not None:
             x0_real = images.to(self.dist.device) if self.source.encoded else \
                 self.pipe.autoencoder.encode(images.to(self.dist.device, self.frozen_dtype)).float()
         return cond, null_cond, x0_real
@@ -207,7 +211,7 @@ class Distiller:
         if self.source.prompts is not None:  # toy: one sample per class
             prompts = torch.arange(n) % int(self.source.prompts.max() + 1)
         elif self.pipe.encoder is not None:  # the first n captions of the data
-            prompts = self.source.get(torch.arange(n) % self.source.n)[1]
+            prompts = self.source.get(torch.arange(n) % self.source.n, images=False)[1]
         else:
             prompts = None
         cond, _ = encode_prompts(self.pipe.encoder, prompts, self.dist.device)

@@ -271,7 +271,8 @@ class ImagineFlash(Distiller):
             disc.requires_grad_(False)  # the G step's gradient must not land in D
         for m, sl in self.micro_slices():
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
-            cond, null_cond, x0_real = self.conditions(d["idx"])
+            # real images only where this iteration reads them: forward noising, or the discriminator's real side
+            cond, null_cond, x0_real = self.conditions(d["idx"], need_images=not cfg.backward or disc is not None)
             with engine.autocast(self.dist, cfg.bf16):
                 with record_function("rollout"):
                     if cfg.backward:  # step 2

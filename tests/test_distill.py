@@ -617,7 +617,7 @@ def test_time_budget_stops_checkpoints_and_exports(teacher, tmp_path, monkeypatc
     that step, and wall.json records the time (compare.py's budget column)."""
     import distill as runner
     clock = iter(range(0, 10_000, 40))  # every reading of the clock is 40 s later
-    monkeypatch.setattr(runner.Wall, "clock", staticmethod(lambda: float(next(clock))))
+    monkeypatch.setattr(engine.Wall, "clock", staticmethod(lambda: float(next(clock))))
     out = tmp_path / "run"
     runner.main(tiny_args(teacher, str(out), "--steps", "50", "--time-budget", "2", "--ckpt-every", "100"))
     wall = json.loads((out / "wall.json").read_text())

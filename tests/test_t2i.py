@@ -263,11 +263,17 @@ def test_latent_cache_from_another_vae_size_or_folder_is_refused(sd, captions, p
 def test_drop_captions():
     caps = [f"a cat {i}" for i in range(200)]
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    assert train.drop_captions(caps, 0.0, g()) == caps and train.drop_captions(caps, 1.0, g()) == [""] * 200
-    dropped = train.drop_captions(caps, 0.25, g())
-    assert dropped == train.drop_captions(caps, 0.25, g())  # the generator decides
+    assert train.drop_conditions(caps, train.drop_mask(200, 0.0, g())) == caps
+    assert train.drop_conditions(caps, train.drop_mask(200, 1.0, g())) == [""] * 200
+    drop = train.drop_mask(200, 0.25, g())
+    assert torch.equal(drop, train.drop_mask(200, 0.25, g()))  # the generator decides
+    dropped = train.drop_conditions(caps, drop)
     kept = [a == b for a, b in zip(dropped, caps)]
-    assert all(d == "" for d, k in zip(dropped, kept) if not k) and 30 < kept.count(False) < 70
+    assert kept == (~drop).tolist() and all(d == "" for d, k in zip(dropped, kept) if not k)
+    assert 30 < kept.count(False) < 70
+    labels = torch.arange(200)  # labels: −1, the null class, where captions get ""
+    assert torch.equal(train.drop_conditions(labels, drop), torch.where(drop, -1, labels))
+    assert torch.equal(train.drop_conditions(labels[50:90], drop[50:90]), train.drop_conditions(labels, drop)[50:90])
 
 
 def test_t2i_small_config_takes_the_encoders_width():

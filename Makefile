@@ -41,11 +41,13 @@ icons: setup
 
 # The benchmark's results (README, "Real images"): the icons teacher (about 30 min on 2 cores), then Imagine Flash and
 # DMD2 distilled from it, 3 seeds, the same wall-time budget each, judged offline on the held-out icons. Resumable.
+# THREADS: torch threads per process (0: fit the machine when it starts, from the load of other work).
 ICONS_MINUTES ?= 6
+THREADS ?= 0
 icons-bench: icons
-	$(PY) train.py --preset icons --resume auto
+	$(PY) train.py --preset icons --resume auto --threads $(THREADS)
 	$(PY) compare.py --teacher runs/icons/teacher --preset icons --methods imagine_flash,dmd2 --minutes $(ICONS_MINUTES) \
-	    --data $(ICONS)/train --reference $(ICONS)/heldout --out runs/icons/compare
+	    --data $(ICONS)/train --reference $(ICONS)/heldout --out runs/icons/compare --threads $(THREADS)
 
 test: setup
 	$(PY) -m pytest

@@ -41,6 +41,13 @@ def refuse_makedirs(monkeypatch, target, err=errno.EACCES):
     monkeypatch.setattr(os, "makedirs", makedirs)
 
 
+def disk_full(tensors, path, metadata=None):
+    """safetensors' save_file on a disk that fills up half-way through the write."""
+    with open(path, "wb") as f:
+        f.write(b"half a file")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
 # --------------------------------------------------------------------------------------------------
 # permission denied, disk full, a name too long: one line, exit 2, nothing half-written
 # --------------------------------------------------------------------------------------------------
@@ -83,12 +90,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(teacher, tmp_path, cap
     out = tmp_path / "run"
     distill.main(fast(teacher, out, "--steps", "2", "--ckpt-every", "2"))
     good = (out / "state.safetensors").read_bytes()
-
-    def full(tensors, path, metadata=None):  # the disk fills up half-way through the write
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    monkeypatch.setattr(engine, "save_file", full)
+    monkeypatch.setattr(engine, "save_file", disk_full)
     line = fails(capsys, fast(teacher, out, "--steps", "4", "--ckpt-every", "1", "--resume", "auto"))
     assert line.startswith("error: no space left on device: ") and "(free some space)" in line
     assert line.endswith(f"at step 3 of {out}; the last checkpoint is {out / 'state.safetensors'} (step 2)"), line
@@ -100,12 +102,7 @@ def test_disk_full_during_the_export_keeps_the_old_student(teacher, tmp_path, ca
     out = tmp_path / "run"
     distill.main(fast(teacher, out, "--steps", "1", "--ckpt-every", "1"))
     student = {p: p.read_bytes() for p in (out / "student").rglob("*") if p.is_file()}
-
-    def full(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"half a model")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    monkeypatch.setattr(unet, "save_file", full)
+    monkeypatch.setattr(unet, "save_file", disk_full)
     line = fails(capsys, fast(teacher, out, "--steps", "2", "--ckpt-every", "1", "--resume", "auto"))
     assert line.startswith("error: no space left on device: ") and "the last checkpoint is" in line
     assert {p: p.read_bytes() for p in (out / "student").rglob("*") if p.is_file()} == student

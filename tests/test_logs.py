@@ -118,6 +118,22 @@ def test_toy_classifier_bar_only_on_a_terminal(monkeypatch):
     assert seen == [True, False]
 
 
+def evaluate_parser(monkeypatch):
+    """evaluate.py's ArgumentParser, caught as its main() reads the command line."""
+    import argparse
+
+    import evaluate
+    parsers = []
+
+    def catch(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(SystemExit):
+        evaluate.main([])
+    return parsers[0]
+
+
 def test_evaluate_help_shows_every_default(monkeypatch, capsys):
     import argparse
 
@@ -133,27 +149,17 @@ def test_evaluate_help_shows_every_default(monkeypatch, capsys):
     for block in blocks[1:]:
         assert "(default:" in block, block
     # and the value shown is the one the parser uses: the parser, caught as main() reads the command line
-    parsers = []
-
-    def catch(self, args=None, namespace=None):
-        parsers.append(self)
-        raise SystemExit(0)
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
-    with pytest.raises(SystemExit):
-        evaluate.main([])
-    for action in parsers[0]._actions:
+    for action in evaluate_parser(monkeypatch)._actions:
         if action.default not in (None, "", [], False, argparse.SUPPRESS):
             block = next(b for b in blocks if b.split()[0].rstrip(",") in action.option_strings)
             assert f"(default: {action.default})" in block, block
 
 
 def test_script_defaults_are_the_demo_paths_of_the_readme(monkeypatch):
-    import argparse
     import os
     import shlex
 
     import distill
-    import evaluate
     import train
     from methods import METHODS
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
@@ -169,15 +175,7 @@ def test_script_defaults_are_the_demo_paths_of_the_readme(monkeypatch):
         cfg = distill.parse_args(["--method", method])[0]
         assert cfg.teacher == "runs/demo/teacher" and cfg.out == ("runs/demo/distill" if method == "imagine_flash"
                                                                   else f"runs/demo/{method}"), method
-    parsers = []
-
-    def catch(self, args=None, namespace=None):
-        parsers.append(self)
-        raise SystemExit(0)
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
-    with pytest.raises(SystemExit):
-        evaluate.main([])
-    defaults = {a.option_strings[0]: a.default for a in parsers[0]._actions}
+    defaults = {a.option_strings[0]: a.default for a in evaluate_parser(monkeypatch)._actions}
     assert {k: defaults[k] for k in flags["evaluate.py"]} == flags["evaluate.py"]
 
 

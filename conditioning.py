@@ -5,20 +5,26 @@ conditioning untouched: the student reads the same frozen embeddings, and classi
 (in the teacher's targets and in sampling) needs the unconditional ("null") embedding c_∅ next to c:
     eps_cfg = eps(x_t, t, c_∅) + w * (eps(x_t, t, c) - eps(x_t, t, c_∅))
 
-Two encoders with one interface (`forward`, `null`, `dim`, `config`):
+Three encoders with one interface (`forward`, `null`, `dim`, `config`):
   * LabelEncoder: the toy preset's class labels, one token each, from a fixed random table that
     plays the part of a frozen text encoder; c_∅ is the zero vector.
   * TextEncoder: a frozen transformers text encoder + tokenizer. For SD-1.5 that is CLIP ViT-L/14's
     text tower: 77 tokens, last hidden state, (B, 77, 768); c_∅ is the embedding of "".
-`load_conditioning(enc.config())` rebuilds either one, so a checkpoint's JSON says how it was conditioned.
+  * SDXLTextEncoder: SDXL's two CLIP text towers (penultimate hidden states, 768 + 1280 = 2048 wide),
+    the second one's pooled projection and the 6 micro-conditioning time ids, packed into one tensor
+    (B, 77 + 1, 2048) by `pack_sdxl_cond` (the layout: unet.py's docstring); c_∅ is zeros (as diffusers).
+`load_conditioning(enc.config())` rebuilds any of them, so a checkpoint's JSON says how it was conditioned.
 """
 
+import json
 import math
 import os
 import re
 
 import torch
 import torch.nn as nn
+
+from unet import SDXL_TIME_IDS
 
 
 class LabelEncoder(nn.Module):
@@ -164,6 +170,140 @@ class TextEncoder(nn.Module):
         return super().train(False)  # frozen: dropout stays off even inside a module set to train
 
 
+def pack_sdxl_cond(tokens: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's three conditions as the ONE tensor every method passes around: tokens (B, L, D), pooled (B, P)
+    and time_ids (B, 6) -> (B, L + 1, D), the last row [pooled, time_ids, zeros]. unet.unpack_sdxl_cond
+    is the inverse; unet.py's docstring has the layout. In the tokens' dtype: bf16 holds the time ids
+    exactly (multiples of 8 up to 2048 px)."""
+    if tokens.ndim != 3 or pooled.ndim != 2 or time_ids.shape != (tokens.shape[0], SDXL_TIME_IDS) \
+            or pooled.shape[0] != tokens.shape[0]:
+        raise ValueError(f"pack_sdxl_cond: expected tokens (B, L, D), pooled (B, P), time_ids (B, {SDXL_TIME_IDS}), "
+                         f"got {tuple(tokens.shape)}, {tuple(pooled.shape)}, {tuple(time_ids.shape)}")
+    B, _, D = tokens.shape
+    P = pooled.shape[1]
+    if P + SDXL_TIME_IDS > D:
+        raise ValueError(f"pack_sdxl_cond: the pooled embedding ({P}) and {SDXL_TIME_IDS} time ids do not fit in one "
+                         f"token row of width {D}")
+    zeros = tokens.new_zeros(B, D - P - SDXL_TIME_IDS)
+    row = torch.cat([pooled.to(tokens.dtype), time_ids.to(tokens.dtype), zeros], dim=-1)  # (B, D)
+    return torch.cat([tokens, row[:, None]], dim=1)  # (B, L + 1, D)
+
+
+class SDXLTextEncoder(nn.Module):
+    """SDXL's frozen conditioning (diffusers' StableDiffusionXLPipeline.encode_prompt, with no clip_skip):
+
+        tokens   = [CLIP-L(prompt).hidden_states[-2], OpenCLIP-bigG(prompt).hidden_states[-2]]   (B, 77, 768 + 1280)
+        pooled   = OpenCLIP-bigG(prompt).text_embeds          (the projected EOS token)         (B, 1280)
+        time_ids = (original h, w, crop top, left, target h, w) = (S, S, 0, 0, S, S)            (B, 6)
+
+    S = the U-Net's pixel size (sample_size × the VAE's downscale: 1024 for SDXL), what the pipeline uses by
+    default. Both towers see the prompt padded to their tokenizer's model_max_length, with no attention mask.
+    The result is packed: (B, L + 1, D) (pack_sdxl_cond)."""
+
+    def __init__(self, model: nn.Module, model_2: nn.Module, tokenizer, tokenizer_2, path: str, image_size: int,
+                 force_zeros: bool = True):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)  # CLIPTextModel
+        self.model_2 = model_2.eval().requires_grad_(False)  # CLIPTextModelWithProjection
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.path, self.image_size, self.force_zeros = path, int(image_size), bool(force_zeros)
+        self.max_length = tokenizer.model_max_length
+        if tokenizer_2.model_max_length != self.max_length:  # the two towers' tokens are concatenated feature-wise
+            raise ValueError(f"SDXL text encoders in {path}: tokenizer/ pads to {self.max_length} tokens, tokenizer_2/ "
+                             f"to {tokenizer_2.model_max_length}; they must agree")
+        self.dim = model.config.hidden_size + model_2.config.hidden_size  # 768 + 1280 = 2048
+        self.pooled_dim = model_2.config.projection_dim  # 1280
+        if self.pooled_dim + SDXL_TIME_IDS > self.dim:
+            raise ValueError(f"SDXL text encoders in {path}: the pooled embedding ({self.pooled_dim}) and "
+                             f"{SDXL_TIME_IDS} time ids do not fit in one token row of width {self.dim}")
+        self.register_buffer("null_embedding", None, persistent=False)  # (1, L + 1, D), filled on first use
+
+    @classmethod
+    def from_pretrained(cls, path: str, image_size: int | None = None, force_zeros: bool | None = None,
+                        dtype=torch.float32) -> "SDXLTextEncoder":
+        """A diffusers SDXL folder: text_encoder/ + tokenizer/ + text_encoder_2/ + tokenizer_2/. image_size (the
+        time ids' sizes) defaults to the folder's unet sample_size × 2^(VAE levels - 1); force_zeros (the null
+        condition) to model_index.json's force_zeros_for_empty_prompt (diffusers' default: true)."""
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        missing = [f"{p}/" for p in parts if not os.path.isdir(os.path.join(path, p))]
+        if missing:
+            raise FileNotFoundError(f"no {' and '.join(missing)} in {path}: an SDXL folder needs all of {', '.join(parts)}")
+        if image_size is None:
+            image_size = _read_json(path, "unet/config.json")["sample_size"] * \
+                2 ** (len(_read_json(path, "vae/config.json")["block_out_channels"]) - 1)
+        if force_zeros is None:
+            index = os.path.join(path, "model_index.json")
+            force_zeros = _read_json(path, "model_index.json").get("force_zeros_for_empty_prompt", True) \
+                if os.path.isfile(index) else True
+        kw = dict(local_files_only=True, dtype=dtype, use_safetensors=True)  # safetensors only, never pickles
+        try:
+            model = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+            model_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+        except OSError as e:
+            raise FileNotFoundError(f"could not load the SDXL text encoders in {path} (only model.safetensors is "
+                                    f"loaded): {str(e).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
+        return cls(model, model_2, tokenizer, tokenizer_2, path, image_size, force_zeros)
+
+    def time_ids(self, batch_size: int, device, dtype) -> torch.Tensor:
+        """(B, 6): original size = target size = image_size, crop top-left (0, 0), as the pipeline's default."""
+        S = self.image_size
+        return torch.tensor([S, S, 0, 0, S, S], device=device, dtype=dtype).expand(batch_size, -1)
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """prompts (B strings) -> packed cond (B, L + 1, D): penultimate hidden states of both towers, pooled, time ids."""
+        device = next(self.model.parameters()).device
+        hidden = []
+        for tokenizer, model in ((self.tokenizer, self.model), (self.tokenizer_2, self.model_2)):
+            ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            out = model(input_ids=ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # (B, L, 768) then (B, L, 1280): SDXL reads the penultimate layer
+        tokens = torch.cat(hidden, dim=-1)  # (B, L, 2048)
+        pooled = out.text_embeds  # (B, 1280): the second tower's projection (the pipeline uses only that one's)
+        return pack_sdxl_cond(tokens, pooled, self.time_ids(len(prompts), device, tokens.dtype))
+
+    def null(self, batch_size: int) -> torch.Tensor:
+        """c_∅ (B, L + 1, D). As diffusers' SDXL pipeline with force_zeros_for_empty_prompt (true for SDXL base) and
+        no negative prompt: the tokens AND the pooled embedding are zeros (not the embedding of ""); the time ids
+        stay the conditional ones. With force_zeros false it encodes "", as the pipeline does then."""
+        if self.null_embedding is None:  # cached; a buffer, so it follows .to(device, dtype)
+            if self.force_zeros:
+                p = next(self.model.parameters())
+                tokens, pooled = p.new_zeros(1, self.max_length, self.dim), p.new_zeros(1, self.pooled_dim)
+                self.null_embedding = pack_sdxl_cond(tokens, pooled, self.time_ids(1, p.device, p.dtype))
+            else:
+                self.null_embedding = self([""])
+        return self.null_embedding.expand(batch_size, -1, -1).clone()
+
+    def config(self) -> dict:
+        return dict(kind="sdxl", path=self.path, image_size=self.image_size, force_zeros=self.force_zeros)
+
+    def save_pretrained(self, folder: str) -> None:
+        """The four subfolders of an SDXL folder (a pipeline of our own that carries its text encoders)."""
+        for name, part in (("text_encoder", self.model), ("tokenizer", self.tokenizer),
+                           ("text_encoder_2", self.model_2), ("tokenizer_2", self.tokenizer_2)):
+            part.save_pretrained(os.path.join(folder, name))
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: dropout stays off even inside a module set to train
+
+
+def _read_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {name} in {folder}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 def _encoder_class(config):
     """The transformers class that holds just the text encoder described by `config`."""
     import transformers
@@ -197,13 +337,15 @@ def _hub_repo_has_model_index(repo_id):
 
 
 def load_conditioning(config: dict) -> nn.Module:
-    """Inverse of `.config()` for both encoders."""
+    """Inverse of `.config()` for the three encoders."""
     kind = config.get("kind")
     if kind == "labels":
         return LabelEncoder(config["num_classes"], config["dim"], config.get("seed", 0), config.get("class_names"))
     if kind == "text":
         return TextEncoder.from_pretrained(config["path"], max_length=config.get("max_length"))
-    raise ValueError(f"conditioning: unknown kind {kind!r} (expected 'labels' or 'text')")
+    if kind == "sdxl":
+        return SDXLTextEncoder.from_pretrained(config["path"], config.get("image_size"), config.get("force_zeros"))
+    raise ValueError(f"conditioning: unknown kind {kind!r} (expected 'labels', 'text' or 'sdxl')")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ A teacher or a student on disk: a diffusers-style folder that holds everything n
       scheduler/     scheduler_config.json                                (schedule.py)
       vae/           optional: latent space (autoencoder.py); absent = pixel space
       text_encoder/, tokenizer/   a transformers text encoder (SD-1.5: CLIP ViT-L/14)   or
+      + text_encoder_2/, tokenizer_2/   SDXL's two CLIP text towers (conditioning.SDXLTextEncoder)   or
       conditioning.json           the toy preset's label encoder                          or neither: unconditional
       pipeline.json  optional: {"base": other folder} to take vae/ and the text encoder from (a student exported
                      from an SD-1.5 teacher points back at the teacher instead of copying 600 MB; a local folder
@@ -28,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from autoencoder import Identity, load_autoencoder
-from engine import temp_name
-from conditioning import LabelEncoder, TextEncoder, load_conditioning
+from checkpoints import temp_name
+from conditioning import LabelEncoder, SDXLTextEncoder, TextEncoder, load_conditioning
 from schedule import VPSchedule
 from unet import UNet
 
@@ -61,7 +62,8 @@ class Pipeline:
 
 # what a pipeline needs from a hub repo: SD-1.5's also holds 12 GB of single-file checkpoints and a safety checker
 PIPELINE_FILES = ["*.json", "*.txt", "diffusion_pytorch_model.safetensors",
-                  *(f"{p}/*" for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))]
+                  *(f"{p}/*" for p in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                           "scheduler"))]
 
 
 def resolve(path: str, allow: list[str] | None = None, what: str = "folder") -> str:
@@ -109,7 +111,9 @@ def _base(path: str) -> str:
     return resolve(base)
 
 
-def load_encoder(path: str) -> nn.Module | None:
+def load_encoder(path: str, image_size: int | None = None) -> nn.Module | None:
+    """The folder's conditioning (or its base's): labels, a text encoder, SDXL's two (image_size: the SDXL time ids'
+    pixel size, default from the folder's unet/ and vae/ configs), or None."""
     base = _base(path)
     for folder in (path, base):
         if os.path.isfile(os.path.join(folder, "conditioning.json")):
@@ -124,6 +128,8 @@ def load_encoder(path: str) -> nn.Module | None:
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise ValueError(f"{where} does not describe a label or text encoder ({type(e).__name__}: {e}); expected "
                                  '{"kind": "labels", "num_classes": N, "dim": D, …}') from None
+        if os.path.isdir(os.path.join(folder, "text_encoder_2")) or os.path.isdir(os.path.join(folder, "tokenizer_2")):
+            return SDXLTextEncoder.from_pretrained(folder, image_size)  # SDXL: names any missing part in one line
         if os.path.isdir(os.path.join(folder, "text_encoder")) or os.path.isdir(os.path.join(folder, "tokenizer")):
             return TextEncoder.from_pretrained(folder)  # names the missing half in one line if only one exists
     return None
@@ -145,9 +151,16 @@ def load_pipeline(path: str, need_vae: bool | None = None) -> Pipeline:
         raise FileNotFoundError(f"no vae/ in {path}: a latent-space teacher needs its autoencoder")
     else:
         autoencoder = Identity(unet.config["in_channels"])
-    encoder = load_encoder(path)
+    encoder = load_encoder(path, unet.config["sample_size"] * autoencoder.downscale)  # the teacher's pixel size
     if unet.is_conditional and encoder is None:
         raise FileNotFoundError(f"{path} has a conditional U-Net but no text_encoder/+tokenizer/ or conditioning.json")
+    sdxl_unet, sdxl_encoder = unet.pooled_dim is not None, isinstance(encoder, SDXLTextEncoder)
+    if (sdxl_unet or sdxl_encoder) and not (sdxl_unet and sdxl_encoder and encoder.pooled_dim == unet.pooled_dim
+                                            and encoder.dim == unet.config["cross_attention_dim"]):
+        raise ValueError(f"{path}: the U-Net {'takes' if sdxl_unet else 'does not take'} SDXL's added conditions "
+                         f"(addition_embed_type {unet.config['addition_embed_type']!r}, pooled width {unet.pooled_dim}) "
+                         f"but the text encoder {'is' if sdxl_encoder else 'is not'} SDXL's pair"
+                         + (f" (width {encoder.dim}, pooled {encoder.pooled_dim})" if sdxl_encoder else ""))
     meta = _meta(path)
     timesteps = meta.get("timesteps")
     sampler = meta.get("sampler") or ({"kind": "ddim", "timesteps": timesteps, "noise_correction": True}
@@ -199,6 +212,8 @@ def _write_pipeline(folder, path, unet, schedule, encoder, base, timesteps, samp
     if isinstance(encoder, TextEncoder) and base is None:  # a teacher of our own: carry its text encoder along
         encoder.model.save_pretrained(os.path.join(folder, "text_encoder"))
         encoder.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    if isinstance(encoder, SDXLTextEncoder) and base is None:
+        encoder.save_pretrained(folder)  # text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/
     # point back to the teacher only for what the student folder lacks (a VAE or a text encoder): a toy
     # student with a label encoder stands alone and can be moved freely
     needs_base = base is not None and (not os.path.isdir(base) or any(
@@ -220,7 +235,8 @@ def _write_pipeline(folder, path, unet, schedule, encoder, base, timesteps, samp
 
 
 # what a pipeline folder holds (save_pipeline); a folder with anything else is a run folder (train.py's teacher)
-PIPELINE_ENTRIES = {"unet", "scheduler", "vae", "text_encoder", "tokenizer", "conditioning.json", "pipeline.json"}
+PIPELINE_ENTRIES = {"unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                    "conditioning.json", "pipeline.json"}
 
 
 def _put_in_place(tmp: str, path: str) -> None:

@@ -13,6 +13,9 @@ loads with no key conversion and `save_pretrained` writes a folder diffusers rea
                         Transformer2DModel of BasicTransformerBlocks (self-attn, cross-attn to the text
                         tokens `cond`, GEGLU MLP). SD quirk kept as in diffusers: `attention_head_dim`
                         is the NUMBER of heads (SD-1.5: 8 heads of 40/80/160 channels).
+                        SDXL (addition_embed_type "text_time"): the same blocks (3 levels, linear
+                        projections, 1/2/10 transformer layers per level) plus an added embedding of the
+                        pooled text embedding and 6 micro-conditioning "time ids" (below).
 
     x_t (B, C, H, W) -> conv_in -> down blocks (ResNets [+ attention], stride-2 conv) -> mid block
         -> up blocks (concat skip, ResNets [+ attention], nearest x2 + conv) -> GroupNorm, SiLU, conv_out
@@ -21,7 +24,21 @@ loads with no key conversion and `save_pretrained` writes a folder diffusers rea
 `encode` returns the features after each down block and after the mid block: discriminator.py builds
 its discriminator on the teacher's encoder (as UFOGen / SDXL-Lightning do). `forward` runs the very same
 encoder code and then the decoder. Config values of diffusers that this file does not implement
-(class embeddings, added text/time embeddings, ...) raise a ValueError naming them.
+(class embeddings, other added embeddings, ...) raise a ValueError naming them.
+
+SDXL's extra conditions travel INSIDE cond. diffusers' SDXL U-Net takes two more inputs besides the text
+tokens (B, L, 2048): the pooled text embedding (B, 1280) of the second text encoder and 6 time ids (B, 6) =
+(original height, width, crop top, crop left, target height, width) in pixels. Every method here calls
+unet(x_t, t, cond) with one tensor and slices / concatenates / casts it on the batch dim, so the extras are
+packed into ONE more token row at the end (conditioning.pack_sdxl_cond writes it, `unpack_sdxl_cond` below
+reads it):
+
+    cond (B, L + 1, D):  cond[:, :L]            the text tokens the cross-attention reads
+                         cond[:, L, :P]         pooled text embedding, P = projection_class_embeddings_input_dim
+                                                                            - 6 * addition_time_embed_dim (1280)
+                         cond[:, L, P:P + 6]    the 6 time ids
+                         cond[:, L, P + 6:]     zeros
+    temb = time_embedding(sin(t)) + add_embedding([pooled, sin(time_ids) (6 x 256 in SDXL)])
 
     model = UNet.from_pretrained("stable-diffusion-v1-5", subfolder="unet")   # a local folder
     eps_hat = model(x_t, t, cond)                                              # cond: (B, 77, 768)
@@ -140,6 +157,29 @@ CONFIGS = {
         "flip_sin_to_cos": True,
         "freq_shift": 0,
     },
+    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that differ from the defaults),
+    # 2567.5M parameters: 3 levels, plain first level, heads of 64 channels, 1/2/10 transformer layers,
+    # cond = 77 tokens of CLIP-L ⊕ OpenCLIP-bigG (768 + 1280) + the packed extras row (top of this file).
+    "sdxl": {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "attention_head_dim": [5, 10, 20],  # SD quirk: heads per level, 64 channels each
+        "transformer_layers_per_block": [1, 2, 10],
+        "use_linear_projection": True,
+        "cross_attention_dim": 2048,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,  # 1280 pooled + 6 time ids x 256
+        "norm_num_groups": 32,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    },
 }
 
 # Every field of the two diffusers classes with diffusers' default, so a resolved config is complete.
@@ -191,7 +231,7 @@ _SUPPORTED_VALUES = {
     "upsample_type": ("conv",),
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),  # text_time: SDXL's pooled text + time ids (see the top)
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "num_attention_heads": (None,),  # diffusers itself rejects it for UNet2DConditionModel
@@ -258,9 +298,37 @@ def resolve_config(config: dict) -> dict:
             raise unsupported("attention_head_dim", cfg["attention_head_dim"], " (number of heads: int or list)")
         if any(isinstance(v, list) for v in _per_level(cfg["transformer_layers_per_block"], n)):
             raise unsupported("transformer_layers_per_block", cfg["transformer_layers_per_block"])
+        if cfg["addition_embed_type"] == "text_time":
+            _check_text_time(cfg)
     elif not isinstance(cfg["attention_head_dim"], (int, type(None))):
         raise unsupported("attention_head_dim", cfg["attention_head_dim"], " (head size: int or None)")
     return cfg
+
+
+SDXL_TIME_IDS = 6  # (original h, w, crop top, left, target h, w): SDXL base's micro-conditioning (not the refiner's 5)
+
+
+def _check_text_time(cfg: dict) -> None:
+    """addition_embed_type "text_time" needs both sizes, and room for the packed extras row in cond."""
+    time_dim, in_dim, D = (cfg["addition_time_embed_dim"], cfg["projection_class_embeddings_input_dim"],
+                           cfg["cross_attention_dim"])
+    if not (isinstance(time_dim, int) and isinstance(in_dim, int) and isinstance(D, int)):
+        raise ValueError("unet config: addition_embed_type='text_time' needs int addition_time_embed_dim, "
+                         f"projection_class_embeddings_input_dim and cross_attention_dim, got {time_dim!r}, "
+                         f"{in_dim!r}, {D!r}")
+    pooled = in_dim - SDXL_TIME_IDS * time_dim
+    if pooled <= 0 or pooled + SDXL_TIME_IDS > D:
+        raise ValueError(f"unet config: addition_embed_type='text_time' packs a pooled embedding of "
+                         f"projection_class_embeddings_input_dim - {SDXL_TIME_IDS} * addition_time_embed_dim = "
+                         f"{pooled} values and {SDXL_TIME_IDS} time ids into one cond row of "
+                         f"cross_attention_dim = {D}: they must be > 0 and fit")
+
+
+def unpack_sdxl_cond(cond: torch.Tensor, pooled_dim: int):
+    """The inverse of conditioning.pack_sdxl_cond (layout at the top of this file):
+    cond (B, L + 1, D) -> tokens (B, L, D), pooled (B, P), time_ids (B, 6)."""
+    extras = cond[:, -1]  # (B, D): the extras row
+    return cond[:, :-1], extras[:, :pooled_dim], extras[:, pooled_dim:pooled_dim + SDXL_TIME_IDS]
 
 
 def _per_level(value, n: int) -> list:
@@ -621,6 +689,12 @@ class UNet(nn.Module):
         k_in, k_out = cfg.get("conv_in_kernel", 3), cfg.get("conv_out_kernel", 3)
         self.conv_in = nn.Conv2d(cfg["in_channels"], ch[0], k_in, padding=(k_in - 1) // 2)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        self.pooled_dim = None  # SDXL: the pooled text embedding's width in the packed cond
+        if cfg.get("addition_embed_type") == "text_time":
+            # SDXL: an MLP on [pooled text (P), sinusoidal embedding of each time id (6 x addition_time_embed_dim)]
+            # whose output is added to the time embedding (diffusers' add_time_proj has no parameters).
+            self.pooled_dim = cfg["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * cfg["addition_time_embed_dim"]
+            self.add_embedding = TimestepEmbedding(cfg["projection_class_embeddings_input_dim"], temb_dim)
 
         # Down path: level i goes ch[i-1] -> ch[i] channels, halving the resolution except the last.
         self.down_blocks = nn.ModuleList()
@@ -686,13 +760,27 @@ class UNet(nn.Module):
             if cond.ndim != 3 or cond.shape[0] != B:
                 raise ValueError(f"cond must be (B={B}, L, D) token embeddings, got shape {tuple(cond.shape)}")
         context = cond if self.is_conditional else None  # an unconditional U-Net ignores cond
+        if self.pooled_dim is not None:  # SDXL: split off the extras row (layout at the top of this file)
+            D = self.config["cross_attention_dim"]
+            if cond.shape[1] < 2 or cond.shape[2] != D:
+                raise ValueError(f"this SDXL-layout UNet takes cond (B, L + 1, {D}): L text tokens and one extras row "
+                                 f"(pooled embedding + 6 time ids, conditioning.pack_sdxl_cond), got shape "
+                                 f"{tuple(cond.shape)}")
+            context, pooled, time_ids = unpack_sdxl_cond(cond, self.pooled_dim)
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim > 1 or t.numel() not in (1, B):
             raise ValueError(f"t must be a number, a 0-dim tensor or a (B={B},) tensor, got shape {tuple(t.shape)}")
         t = t.reshape(-1).expand(B)  # (B,)
         t_emb = timestep_embedding(t, self.config["block_out_channels"][0], self.config["flip_sin_to_cos"],
                                    self.config["freq_shift"])
-        temb = self.time_embedding(t_emb.to(self.time_embedding.linear_1.weight.dtype))  # (B, 4 C0)
+        dtype = self.time_embedding.linear_1.weight.dtype
+        temb = self.time_embedding(t_emb.to(dtype))  # (B, 4 C0)
+        if self.pooled_dim is not None:
+            # SDXL: temb += MLP([pooled, sin-embedding of each time id]), the time ids embedded like timesteps
+            time_emb = timestep_embedding(time_ids.reshape(-1), self.config["addition_time_embed_dim"],
+                                          self.config["flip_sin_to_cos"], self.config["freq_shift"])  # (6 B, 256)
+            added = torch.cat([pooled.float(), time_emb.reshape(B, -1)], dim=-1)  # (B, P + 6 * 256)
+            temb = temb + self.add_embedding(added.to(dtype))
 
         if self.config["center_input_sample"]:
             x_t = 2 * x_t - 1.0
@@ -712,7 +800,8 @@ class UNet(nn.Module):
         return self._encoder(x_t, t, cond)[0]
 
     def forward(self, x_t: torch.Tensor, t, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """eps_hat (B, C_out, H, W) for x_t (B, C, H, W), timesteps t (number or (B,)), cond (B, L, D)."""
+        """eps_hat (B, C_out, H, W) for x_t (B, C, H, W), timesteps t (number or (B,)), cond (B, L, D)
+        (SDXL: (B, L + 1, D), the extras row last)."""
         features, skips, temb, context = self._encoder(x_t, t, cond)
         h = features[-1]
         for block in self.up_blocks:

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import distill
-import engine
+import processes
 from conditioning import LabelEncoder
 from data import TOY_CLASSES, Source, make_toy
 from methods import imagine_flash
@@ -267,7 +267,7 @@ def breakdown(b, tmp: str, name: str, preset: str, batch: int, reps: int, **over
         setattr(cfg, k, v)
     gc.collect()
     torch.cuda.empty_cache() if b.cuda else None
-    d = distill.build(cfg, engine.Dist(device=b.device))
+    d = distill.build(cfg, processes.Dist(device=b.device))
     draws = [imagine_flash.draw_timestep(d.cfg.timesteps, d.cfg.seed, s) for s in range(1000)]  # train_step's t
     steps = {t: [s for s, drawn in enumerate(draws) if drawn == t][: 2 * reps] for t in d.cfg.timesteps}
 

@@ -11,25 +11,20 @@ budget (--minutes: distill.py --time-budget); the table states each run's measur
 again, an interrupted one continues from its checkpoint, and an evaluated one is read back from its results.json.
 """
 import argparse
-import dataclasses
 import json
 import os
-import statistics
 import sys
 
 import torch
 from tqdm.auto import tqdm
 
+import cli
 import distill
-import engine
+import processes
+import runs
 from evaluate import evaluate, judge_cache, judge_key, save_grid_picture
 from methods import METHODS
-
-METRICS = ("toy_fd", "judge_fd", "label_acc", "word_auc", "fid", "fid_tf", "clip", "saturation", "sec_per_image")
-
-
-# fields that say how a run ran, not what it made: a cached student made with other values is still the same student
-HOW_IT_RAN = {"resume", "overwrite", "out", "device", "threads", "log_every", "sample_every", "ckpt_every"}
+from results import cached_rows, check_cached, summarise, table
 
 
 def distill_args(args, method: str, seed: int, out: str) -> list[str]:
@@ -42,82 +37,15 @@ def distill_args(args, method: str, seed: int, out: str) -> list[str]:
             "--resume", "auto", *budget, "--threads", str(torch.get_num_threads()), *args.distill_args]
 
 
-def check_cached(out: str, cfg, preset: str, method: str, teacher_fp: str) -> None:
-    """A student (or a checkpoint of one) already in `out` must have been made by exactly this comparison's
-    settings and teacher; otherwise one line (ValueError), never the old student under the new table's header."""
-    from pipeline import load_pipeline
-    made = os.path.join(out, "config.json")
-    started = any(os.path.exists(os.path.join(out, f)) for f in ("state.safetensors", "student"))
-    if not started:
-        return  # nothing made yet (or a run that failed before its first checkpoint: replaced)
-    if not os.path.isfile(made):
-        raise ValueError(f"{out} holds a student but no config.json saying how it was made: remove it or use another --out")
-    stored = json.load(open(made))
-    now = json.loads(json.dumps({"method": method, "preset": preset, **dataclasses.asdict(cfg)}))
-    skip = HOW_IT_RAN | set(METHODS[method].unused(cfg))  # a field the method does not read cannot differ in effect
-    for k in sorted(set(stored) | set(now)):
-        if k not in skip and stored.get(k) != now.get(k):
-            raise ValueError(f"{out} holds a student made with {k} = {stored.get(k)!r}, now asked for "
-                             f"{now.get(k)!r}: use another --out, or remove {out} to distil it again")
-    student = os.path.join(out, "student")
-    if os.path.isfile(os.path.join(student, "pipeline.json")):
-        fp = (load_pipeline(student).teacher or {}).get("fingerprint")
-        if fp != teacher_fp:
-            raise ValueError(f"{student} was distilled from another teacher than {cfg.teacher} (fingerprint {fp}, now "
-                             f"{teacher_fp}): use another --out, or remove {out} to distil it again")
-
-
 def distill_once(args, method: str, seed: int, out: str, device, teacher_fp: str) -> float:
     """Distil (or finish distilling) one student; returns its wall time in seconds (distill.py's wall.json, summed
     over the invocations of a resumed run). A student already there is reused only if it was made the same way."""
     cfg, preset = distill.parse_args(distill_args(args, method, seed, out))
     check_cached(out, cfg, preset, method, teacher_fp)
     if not os.path.isfile(os.path.join(out, "student", "pipeline.json")):  # the export's last word (atomic)
-        distill.run(cfg, preset, engine.Dist(device=device))
-        engine.release_run()
+        distill.run(cfg, preset, processes.Dist(device=device))
+        runs.release_run()
     return json.load(open(os.path.join(out, "wall.json")))["seconds"]
-
-
-def summarise(method: str, per_seed: list[list[dict]], walls: list[float]) -> list[dict]:
-    """One row per step count: each metric's mean and sample standard deviation over the seeds."""
-    out = []
-    for i, first in enumerate(per_seed[0]):
-        rows = [runs[i] for runs in per_seed]
-        r = {"method": f"{method} {first['method'].replace('student ', '')}", "nfe": first["nfe"], "seeds": len(rows),
-             "distill_min": statistics.mean(walls) / 60}
-        for k in METRICS:
-            vals = [x[k] for x in rows if k in x]
-            if vals:
-                r[k] = statistics.mean(vals)
-                r[k + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out.append(r)
-    return out
-
-
-def table(rows: list[dict], path_md: str, header: str) -> str:
-    """Markdown (mean ± sd over seeds) and JSON (every number)."""
-    def cell(r, k):
-        if k not in r:
-            return ""
-        v, sd = r[k], r.get(k + "_sd")
-        f = (lambda x: f"{x:.4f}") if abs(v) < 1 else (lambda x: f"{x:.2f}")
-        return f(v) + (f" ± {f(sd) if sd >= 1e-4 else '0'}" if sd is not None and r.get("seeds", 1) > 1 else "")
-    cols = [("method", "method"), ("NFE", "nfe"), ("seeds", "seeds"), ("distill min", "distill_min"),
-            ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"), ("judge FD ↓", "judge_fd"), ("label acc ↑", "label_acc"),
-            ("word AUC ↑", "word_auc"), ("FID ↓", "fid"),
-            ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"), ("saturation", "saturation")]
-    cols = [(h, k) for h, k in cols if any(k in r for r in rows)]
-    lines = [header, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r[k]) if k in ("method", "nfe", "seeds") and k in r else
-                                       (f"{r[k]:.1f}" if k == "distill_min" and k in r else cell(r, k))
-                                       for _, k in cols) + " |")
-    text = "\n".join(lines) + "\n"
-    with open(path_md, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(path_md)[0] + ".json", "w") as f:
-        json.dump(rows, f, indent=2)
-    return text
 
 
 def main(argv=None) -> None:
@@ -166,14 +94,14 @@ def main(argv=None) -> None:
     if args.minutes < 0 or args.cfg_scale < 0 or args.threads < 0:
         p.error(f"--minutes, --cfg-scale and --threads must be ≥ 0, got {args.minutes}, {args.cfg_scale} and "
                 f"{args.threads}")
-    engine.start_progress(None)  # no training run yet in this command
+    runs.start_progress(None)  # no training run yet in this command
 
     def body():
-        print(f"compare: {engine.use_threads(args.threads)}")
+        print(f"compare: {processes.use_threads(args.threads)}")
         for method in methods:  # every student's flags parse and make sense before any work
             distill.check(distill.parse_args(distill_args(args, method, seeds[0], os.path.join(args.out, method, "s")))[0])
         from evaluate import check_out
-        device = engine.pick_device(args.device)
+        device = processes.pick_device(args.device)
         check_out(args.out)
         rows, pictures = compare(args, methods, seeds, device)
         header = (f"teacher {args.teacher}, preset {args.preset}, seeds {args.seeds}, {args.n} samples per row and seed, "
@@ -188,28 +116,9 @@ def main(argv=None) -> None:
         save_grid_picture(pictures, os.path.join(args.out, "compare.png"), labels)
         print(f"picture: {os.path.join(args.out, 'compare.png')}   table: {os.path.join(args.out, 'compare.md')} (+ .json)")
     # bad input, a failed write: one line, exit 2; Ctrl-C 130 and SIGTERM 143 name the student's last checkpoint
-    engine.one_line_errors(body, cleanup=lambda failed: engine.release_run(failed=failed),
-                           where=engine.where_stopped,
+    cli.one_line_errors(body, cleanup=lambda failed: runs.release_run(failed=failed),
+                           where=runs.where_stopped, mid_run=runs.mid_run,
                            stream=sys.stderr)
-
-
-def cached_rows(folder: str, make, key: dict) -> tuple[list[dict], dict]:
-    """(rows, picture images) from <folder>/results.json + grid.safetensors when they were made with the same
-    evaluation settings (`key`, kept in results_key.json), else made by make(images) and saved there: a resumed
-    comparison samples nothing twice, and a comparison with other settings (more samples, FID) samples again."""
-    from safetensors.torch import load_file, save_file
-    cache, grid, key_file = (os.path.join(folder, f) for f in ("results.json", "grid.safetensors", "results_key.json"))
-    if all(os.path.isfile(f) for f in (cache, grid, key_file)) and json.load(open(key_file)) == key:
-        rows, images = json.load(open(cache)), load_file(grid)
-        return rows, {r["method"]: images[r["method"]] for r in rows if r["method"] in images}  # the rows' order
-    images = {}
-    rows = make(images)
-    save_file({k: v.contiguous() for k, v in images.items()}, grid)
-    with open(cache, "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(key_file, "w") as f:
-        json.dump(key, f)
-    return rows, images
 
 
 def compare(args, methods: list[str], seeds: list[int], device) -> tuple[list[dict], list]:

@@ -24,7 +24,8 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-import engine
+import checkpoints
+import processes
 from autoencoder import fingerprint
 from torch.utils.data import Dataset
 
@@ -323,13 +324,13 @@ def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_s
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # part files named by a token all ranks of THIS run share: another run encoding into the same path
         # at the same time has its own
-        stem = [engine.temp_name(path)]
-        if engine.dist_initialized():
-            torch.distributed.broadcast_object_list(stem, src=0, device=engine.collective_device())
+        stem = [checkpoints.temp_name(path)]
+        if processes.dist_initialized():
+            torch.distributed.broadcast_object_list(stem, src=0, device=processes.collective_device())
         part = lambda r: f"{stem[0]}.part{r}"  # noqa: E731
         save_file({"latents": torch.cat(latents) if latents else torch.zeros(0, dtype=torch.float16),
                    "captions": _pack(captions)}, part(dist.rank))
-        engine.barrier()
+        processes.barrier()
         if dist.main:
             parts = [load_file(part(r)) for r in range(dist.world)]
             z = torch.empty(len(dataset), *parts[0]["latents"].shape[1:], dtype=torch.float16)
@@ -338,17 +339,17 @@ def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_s
                 if len(p["latents"]):
                     z[r::dist.world] = p["latents"]  # rank r encoded images r, r + world, …
                     all_captions[r::dist.world] = _unpack(p["captions"])
-            tmp = engine.temp_name(path)
+            tmp = checkpoints.temp_name(path)
             save_file({"latents": z, "captions": _pack(all_captions)}, tmp, metadata={**key, "data": dataset.root})
             os.replace(tmp, path)
             for r in range(dist.world):
                 os.remove(part(r))
-        engine.barrier()
+        processes.barrier()
     latents, cached_captions = read_latents(path, key)
     # the latents depend on the images only: captions are always the folder's current ones
     captions = [dataset.caption(i) for i in range(len(dataset))]
     changed = sum(a != b for a, b in zip(captions, cached_captions))
-    engine.print0(f"latent cache {path}: {'encoded and written' if written else 'read'}, {len(latents)} latents "
+    processes.print0(f"latent cache {path}: {'encoded and written' if written else 'read'}, {len(latents)} latents "
                   f"{tuple(latents.shape[1:])} of {dataset.size} px images from {dataset.root}"
                   + (f"; {changed} caption(s) edited since it was made: using the folder's" if changed else ""))
     return latents, captions

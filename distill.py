@@ -6,7 +6,7 @@ The shared runner of every distillation method (methods/): one teacher, one stud
     torchrun --nproc_per_node=8 distill.py --preset t2i --teacher path/to/sd15 --data path/to/captions \
              --latent-cache path/to/captions.latents.safetensors
 
-What it does for every method: processes (engine.launch: DDP under torchrun), the method's config from its
+What it does for every method: processes (runs.launch: DDP under torchrun), the method's config from its
 preset and the flags, checkpoints and exact resume (one safetensors file), the log line, sample grids, and the
 export of the EMA student as a pipeline folder that records its method and sampler (pipeline.json), which
 evaluate.py reads. What a method does in one iteration is in its own file: methods/<method>.py, train_step.
@@ -20,7 +20,11 @@ import sys
 
 import torch
 
-import engine
+import checkpoints
+import cli
+import logs
+import processes
+import runs
 from methods import METHODS
 from methods.common import validate_run
 from pipeline import save_pipeline
@@ -41,7 +45,7 @@ def parse_args(argv=None):
     method = METHODS.get(known.method)
     base = method.PRESETS.get(known.preset) if method else None
     name = known.method if method else "imagine_flash"
-    p = engine.config_parser(f"Distil a diffusion teacher into a few-step student with {name} "
+    p = cli.config_parser(f"Distil a diffusion teacher into a few-step student with {name} "
                              "(flags override the preset).", base or METHODS[name].PRESETS["toy"],
                              known.preset if base else "toy")
     p.add_argument("--method", default="imagine_flash", help=f"one of {', '.join(METHODS)} (default: imagine_flash)")
@@ -53,12 +57,12 @@ def parse_args(argv=None):
         p.error(f"unknown method {known.method!r}; choose one of {', '.join(METHODS)}")
     if base is None:
         p.error(f"unknown preset {known.preset!r} for {known.method}; choose one of {', '.join(method.PRESETS)}")
-    cfg = engine.read_config(p, args, base)
+    cfg = cli.read_config(p, args, base)
     given = [f.name for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None]
     ignored = [(f, why) for f, why in method.unused(cfg).items() if f in given]
     if ignored:  # a flag that does nothing here would be kept in config.json and the export as if it did
         flag, why = ignored[0]
-        print(f"error: {engine._flag(flag)} is not used by this configuration: {why}; drop it")
+        print(f"error: {cli._flag(flag)} is not used by this configuration: {why}; drop it")
         sys.exit(2)
     return cfg, known.preset
 
@@ -73,63 +77,63 @@ def check(cfg) -> None:
     validate_run(cfg)
 
 
-def build(cfg, dist: engine.Dist):
+def build(cfg, dist: processes.Dist):
     """The method's Distiller for this config (teacher, student, EMA, data and the method's own networks)."""
     return METHODS[method_of(cfg)].Method(cfg, dist)
 
 
 def main(argv=None) -> None:
-    engine.launch(run, *parse_args(argv))
+    runs.launch(run, *parse_args(argv))
 
 
-def run(cfg, preset: str, dist: engine.Dist):
+def run(cfg, preset: str, dist: processes.Dist):
     cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     check(cfg)  # nonsense values: one line before the folder is even made
-    threads = engine.use_threads(cfg.threads)
-    engine.start_progress(cfg.out)
+    threads = processes.use_threads(cfg.threads)
+    runs.start_progress(cfg.out)
     # the folder first: a second run into it stops here at once, not after minutes of loading the teacher
-    lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
+    lock = runs.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
     distiller, method = build(cfg, dist), method_of(cfg)
     state_path = os.path.join(cfg.out, "state.safetensors")
-    resume = engine.resume_path(cfg.out, cfg.resume)
+    resume = runs.resume_path(cfg.out, cfg.resume)
     if resume:
         modules, optimizers = distiller.state()
-        meta = engine.load_state(resume, modules, optimizers, config={"method": method, "preset": preset,
+        meta = checkpoints.load_state(resume, modules, optimizers, config={"method": method, "preset": preset,
                                                                       **dataclasses.asdict(cfg)},
                                  changeable=RESUME_CHANGEABLE | set(distiller.lr_of.values()))
         for name, opt in optimizers.items():  # the new run's learning rates, not the checkpoint's
-            engine.set_lr(opt, getattr(cfg, distiller.lr_of[name]))
+            checkpoints.set_lr(opt, getattr(cfg, distiller.lr_of[name]))
         distiller.step = meta["step"]
-        engine.print0(f"resumed from {resume} at step {distiller.step}")
+        processes.print0(f"resumed from {resume} at step {distiller.step}")
     if dist.main:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump({"method": method, "preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
     n_params = sum(p.numel() for p in distiller.student.parameters()) / 1e6
-    engine.print0(f"distill: preset {preset}, method {method}, {dist.world} process(es), accumulation "
+    processes.print0(f"distill: preset {preset}, method {method}, {dist.world} process(es), accumulation "
                   f"{distiller.accum}, {threads}, student {n_params:.2f}M params, sampler {distiller.sampler_spec()}")
-    engine.print0(engine.data_line(cfg.data, distiller.source, distiller.latent_shape, distiller.pipe.autoencoder.downscale))
-    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
+    processes.print0(logs.data_line(cfg.data, distiller.source, distiller.latent_shape, distiller.pipe.autoencoder.downscale))
+    logger = logs.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
                            start=distiller.step)
-    bar = engine.progress_bar(cfg.steps, distiller.step, "distill", dist)
-    wall = engine.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
+    bar = logs.progress_bar(cfg.steps, distiller.step, "distill", dist)
+    wall = runs.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
     while distiller.step < cfg.steps:
-        logs = distiller.train_step()
-        engine.check_finite(distiller.step, logs, distiller.student)  # NaN/Inf: stop before anything is written
-        t = logs.pop("t")
-        if "recon" in logs:  # the reconstruction loss at each of the student's timesteps: which step is learnt
-            logs[f"recon@{t}"] = logs["recon"]
-        logger.add(**logs)
+        terms = distiller.train_step()
+        runs.check_finite(distiller.step, terms, distiller.student)  # NaN/Inf: stop before anything is written
+        t = terms.pop("t")
+        if "recon" in terms:  # the reconstruction loss at each of the student's timesteps: which step is learnt
+            terms[f"recon@{t}"] = terms["recon"]
+        logger.add(**terms)
         bar.update(1)
         logger.maybe_print(distiller.step, dist.device)
         s = distiller.step
         last = s == cfg.steps or wall.stop(cfg.time_budget, s, cfg.steps)  # --time-budget: stop, checkpoint, export
         if cfg.ckpt_every and (s % cfg.ckpt_every == 0 or last):
             if dist.main:
-                engine.save_state(state_path, s, *distiller.state(),
+                checkpoints.save_state(state_path, s, *distiller.state(),
                                   extra={"method": method, "preset": preset, **dataclasses.asdict(cfg)})
                 wall.save(s)
-            engine.barrier()
+            processes.barrier()
         if dist.main and ((cfg.sample_every and s % cfg.sample_every == 0) or last):
             save_grid(distiller.samples(), os.path.join(cfg.out, "samples", f"step_{s:06d}.png"))
         if last:
@@ -140,8 +144,8 @@ def run(cfg, preset: str, dist: engine.Dist):
                       base=distiller.pipe.path, sampler={"method": method, **distiller.sampler_spec()},
                       teacher=cfg.teacher)
         wall.save(distiller.step)
-        engine.print0(f"student (EMA) written to {os.path.join(cfg.out, 'student')}")
-    engine.barrier()
+        processes.print0(f"student (EMA) written to {os.path.join(cfg.out, 'student')}")
+    processes.barrier()
     return distiller
 
 

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import engine
+import cli
+import processes
+import runs
 from metrics import Judge, RealData, ToyJudge
 from pipeline import encode_prompts, load_pipeline
 from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_sample, student_timesteps, trailing
@@ -391,7 +393,7 @@ def ablation(args, device) -> None:
     checkpoint; so processes with different --ablation-seeds may share one --out, and a last run with all of them
     writes the table."""
     import distill
-    from compare import cached_rows, check_cached, summarise, table
+    from results import cached_rows, check_cached, summarise, table
     from pipeline import fingerprint, resolve
     check_out(args.out)
     teacher_fp = fingerprint(resolve(args.teacher))
@@ -413,7 +415,7 @@ def ablation(args, device) -> None:
             check_cached(out, cfg, preset, "imagine_flash", teacher_fp)  # a student made otherwise: refused
             if not os.path.isfile(os.path.join(out, "student", "pipeline.json")):  # the export's last word (atomic)
                 distill.run(cfg, preset, distill_dist(device))
-                engine.release_run()
+                runs.release_run()
             # its own sampler (NC as trained); 1 step too: the first step is where the rows differ most. A seed's
             # rows are kept beside it with the settings that made them: a re-run samples nothing twice
             keep = lambda row: row["name"] in ("student 1 step", "student 3 steps")  # noqa: E731
@@ -436,8 +438,7 @@ def ablation(args, device) -> None:
 
 
 def distill_dist(device):
-    import engine
-    return engine.Dist(device=device)
+    return processes.Dist(device=device)
 
 
 def main(argv=None) -> None:
@@ -495,11 +496,11 @@ def main(argv=None) -> None:
     if args.threads < 0:
         p.error(f"--threads must be ≥ 0 (0: fit the machine), got {args.threads}")
 
-    engine.start_progress(None)  # no training run yet in this command
+    runs.start_progress(None)  # no training run yet in this command
 
     def body():
-        device = engine.pick_device(args.device)
-        print(f"evaluate: {engine.use_threads(args.threads)}")
+        device = processes.pick_device(args.device)
+        print(f"evaluate: {processes.use_threads(args.threads)}")
         if args.ablation:
             return ablation(args, device)
         results = evaluate(args.teacher, args.student or None, args.out, args.n, args.batch_size, args.cfg_scale,
@@ -515,8 +516,8 @@ def main(argv=None) -> None:
         print(table)
         print(f"picture: {os.path.join(args.out, 'grid.png')}   table: {os.path.join(args.out, 'results.md')} (+ .json)")
     # bad input, a failed write: one line, exit 2; Ctrl-C 130, SIGTERM 143 (an ablation's distillation: its checkpoint)
-    engine.one_line_errors(body, cleanup=lambda failed: engine.release_run(failed=failed),
-                           where=engine.where_stopped,
+    cli.one_line_errors(body, cleanup=lambda failed: runs.release_run(failed=failed),
+                           where=runs.where_stopped, mid_run=runs.mid_run,
                            stream=sys.stderr)
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import os
 import re
 import sys
 
-import engine
+import checkpoints
+import cli
 
 THEME = "/usr/share/icons/oxygen/base/32x32"
 BACKGROUND = (200, 200, 200)  # light grey: white pages and black outlines both stay visible
@@ -64,7 +65,7 @@ def build(theme: str, out: str, size: int = 32) -> dict:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"--out {out} exists and is not an empty folder: remove it or choose another (nothing written)")
     icons = icon_files(theme)
-    tmp = engine.temp_name(out.rstrip("/"))
+    tmp = checkpoints.temp_name(out.rstrip("/"))
     try:
         counts = _write(icons, tmp, size)
         if os.path.isdir(out):
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
     def body():
         counts = build(args.theme, args.out)
         print(f"icons: {counts['train']} train + {counts['heldout']} held-out images with captions in {args.out}")
-    engine.one_line_errors(body, stream=sys.stderr)  # a missing theme, an unreadable icon, a full disk: one line
+    cli.one_line_errors(body, stream=sys.stderr)  # a missing theme, an unreadable icon, a full disk: one line
 
 
 if __name__ == "__main__":

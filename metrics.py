@@ -493,7 +493,7 @@ def train_judge(data: RealData, cache: str | None = None, seed: int = 0, steps: 
     torch.set_num_threads(1)
     t0 = time.time()
     try:
-        # a bar on a terminal only, as engine.progress_bar: in a redirected log its carriage returns glue lines together
+        # a bar on a terminal only, as logs.progress_bar: in a redirected log its carriage returns glue lines together
         bar = tqdm(range(steps), desc=data.name, disable=not progress or not sys.stderr.isatty())
         for _ in bar:
             idx = torch.randint(n, (batch_size,), generator=g)

@@ -9,7 +9,7 @@ is no pretrained one to download (the toy demo, a CIFAR-10 teacher, a small text
 
 The result is a pipeline folder (unet/, scheduler/, and conditioning.json for toy labels or a copy of the
 frozen text encoder in text_encoder/ + tokenizer/) that distill.py reads as --teacher.
-Same DDP / checkpoint / resume / logging machinery as distill.py (engine.py).
+Same processes / checkpoint / run-folder / logging machinery as distill.py (processes.py, checkpoints.py, runs.py, logs.py).
 
 Run:   python train.py --preset toy                         (CPU, minutes)
        torchrun --nproc_per_node=8 train.py --preset cifar10 --data cifar10:data/cifar10
@@ -25,8 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import engine
-from engine import arg
+import checkpoints
+import cli
+import logs
+import processes
+import runs
+from cli import arg
 from conditioning import LabelEncoder, TextEncoder
 from data import TOY_CLASSES, Source
 from pipeline import encode_prompts, save_pipeline
@@ -126,7 +130,7 @@ RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "lr", "warmup", "log_ever
 
 def validate(cfg: TrainConfig) -> None:
     """The whole config, before anything is loaded or written: one ValueError line for the first nonsense value."""
-    engine.validate_common(cfg)
+    cli.validate_common(cfg)
     if not 0 <= cfg.cond_drop <= 1:
         raise ValueError(f"--cond-drop must be a probability in [0, 1], got {cfg.cond_drop}")
     if cfg.warmup < 0 or cfg.image_size < 0:
@@ -143,24 +147,24 @@ def parse_args(argv=None) -> tuple[TrainConfig, str]:
     pre.add_argument("--preset", default="toy")
     name = pre.parse_known_args(argv)[0].preset
     base = TRAIN_PRESETS.get(name)
-    p = engine.config_parser("Pretrain a diffusion teacher (ε-prediction, CFG dropout, EMA). Flags override the preset.",
+    p = cli.config_parser("Pretrain a diffusion teacher (ε-prediction, CFG dropout, EMA). Flags override the preset.",
                              base or TRAIN_PRESETS["toy"], name if base else "toy")
     p.add_argument("--preset", default="toy", help=f"one of {', '.join(TRAIN_PRESETS)} (default: toy)")
     args = p.parse_args(argv)
     if base is None:
         p.error(f"unknown preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}")
-    return engine.read_config(p, args, base), name
+    return cli.read_config(p, args, base), name
 
 
-def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
+def run(cfg: TrainConfig, preset: str, dist: processes.Dist) -> None:
     validate(cfg)
-    threads = engine.use_threads(cfg.threads)
-    engine.start_progress(cfg.out)
+    threads = processes.use_threads(cfg.threads)
+    runs.start_progress(cfg.out)
     # the folder first: a second run into it stops here at once, not after the text encoder and data are loaded
-    lock = engine.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
+    lock = runs.open_run(cfg.out, cfg.resume, cfg.overwrite, dist)  # noqa: F841 (held for the run's life)
     cfg.bf16 = cfg.bf16 and dist.device.type == "cuda"  # what runs: bf16 is CUDA only
     device = dist.device
-    accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
+    accum = processes.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
     schedule = VPSchedule(cfg.schedule)
     # a frozen text encoder (captions → (B, L, D) tokens); its width D sets the U-Net's cross-attention
     encoder = TextEncoder.from_pretrained(cfg.text_encoder).to(device) if cfg.text_encoder else None
@@ -183,30 +187,30 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
 
     state_path = os.path.join(cfg.out, "state.safetensors")
     step = 0
-    resume = engine.resume_path(cfg.out, cfg.resume)
+    resume = runs.resume_path(cfg.out, cfg.resume)
     if resume:
-        step = engine.load_state(resume, {"model": model, "ema": ema}, {"opt": opt},
+        step = checkpoints.load_state(resume, {"model": model, "ema": ema}, {"opt": opt},
                                  config={"preset": preset, **dataclasses.asdict(cfg)}, changeable=RESUME_CHANGEABLE)["step"]
-        engine.set_lr(opt, cfg.lr)  # the new run's learning rate, not the checkpoint's
+        checkpoints.set_lr(opt, cfg.lr)  # the new run's learning rate, not the checkpoint's
         sched_lr.base_lrs = [cfg.lr]
         sched_lr.last_epoch = step
         for group in opt.param_groups:  # the warm-up factor at this step, as an uninterrupted run would have it
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        engine.print0(f"resumed from {resume} at step {step}")
+        processes.print0(f"resumed from {resume} at step {step}")
     if dist.main:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
             json.dump({"preset": preset, **dataclasses.asdict(cfg)}, f, indent=2)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    engine.print0(f"train: preset {preset}, U-Net {cfg.unet} ({n_params:.2f}M params), {cfg.schedule} schedule, "
+    processes.print0(f"train: preset {preset}, U-Net {cfg.unet} ({n_params:.2f}M params), {cfg.schedule} schedule, "
                   f"{dist.world} process(es), accumulation {accum}, {threads}")
-    engine.print0(engine.data_line(cfg.data, source, (model.config["in_channels"], *[model.config["sample_size"]] * 2), 1))
-    logger = engine.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step)
-    bar = engine.progress_bar(cfg.steps, step, "train teacher", dist)
-    wall = engine.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
+    processes.print0(logs.data_line(cfg.data, source, (model.config["in_channels"], *[model.config["sample_size"]] * 2), 1))
+    logger = logs.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step)
+    bar = logs.progress_bar(cfg.steps, step, "train teacher", dist)
+    wall = runs.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
     while step < cfg.steps:
         # the global batch's randomness from (seed, step): ranks take slices, resume is exact
-        g = engine.rank_generator(cfg.seed, step)
+        g = processes.rank_generator(cfg.seed, step)
         idx = torch.randint(source.n, (cfg.global_batch,), generator=g)
         t_all = torch.randint(0, schedule.T, (cfg.global_batch,), generator=g)
         eps_all = torch.randn(cfg.global_batch, *source.image_shape, generator=g)
@@ -222,7 +226,7 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
             with torch.no_grad():
                 cond, _ = encode_prompts(encoder, prompts, device)
             sync = m == accum - 1 or dist.world == 1
-            with (model_ddp.no_sync() if not sync else torch.enable_grad()), engine.autocast(dist, cfg.bf16):
+            with (model_ddp.no_sync() if not sync else torch.enable_grad()), processes.autocast(dist, cfg.bf16):
                 loss = diffusion_loss(model_ddp, schedule, images.to(device), t_all[sl].to(device),
                                       eps_all[sl].to(device), cond).mean()
                 (loss / accum).backward()
@@ -230,31 +234,31 @@ def run(cfg: TrainConfig, preset: str, dist: engine.Dist) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched_lr.step()
-        engine.update_ema(ema, model, cfg.ema_decay)
+        processes.update_ema(ema, model, cfg.ema_decay)
         step += 1
-        engine.check_finite(step, {"loss": total}, model)  # NaN/Inf: stop before anything is written
+        runs.check_finite(step, {"loss": total}, model)  # NaN/Inf: stop before anything is written
         logger.add(loss=total)
         bar.update(1)
         logger.maybe_print(step, device)
         last = step == cfg.steps or wall.stop(cfg.time_budget, step, cfg.steps)  # --time-budget: checkpoint, export
         if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or last):
             if dist.main:
-                engine.save_state(state_path, step, {"model": model, "ema": ema}, {"opt": opt},
+                checkpoints.save_state(state_path, step, {"model": model, "ema": ema}, {"opt": opt},
                                   extra={"preset": preset, **dataclasses.asdict(cfg)})
                 wall.save(step)
-            engine.barrier()
+            processes.barrier()
         if last:
             break
     bar.close()
     if dist.main:
         save_pipeline(cfg.out, ema, schedule, encoder)
         wall.save(step)
-        engine.print0(f"teacher (EMA) written to {cfg.out}")
-    engine.barrier()
+        processes.print0(f"teacher (EMA) written to {cfg.out}")
+    processes.barrier()
 
 
 def main(argv=None) -> None:
-    engine.launch(run, *parse_args(argv))
+    runs.launch(run, *parse_args(argv))
 
 
 if __name__ == "__main__":

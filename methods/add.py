@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-import engine
+import cli
+import processes
+from cli import arg
 from discriminator import disc_logits, disc_loss, g_hinge_loss, make_discriminator
-from engine import arg
 from methods.common import Distiller, RunConfig, draw_timestep, student_x0
 from sampler import guided_eps
 from schedule import VPSchedule
@@ -111,7 +112,7 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: 
     """All the randomness of one iteration for the GLOBAL batch, from a generator of (seed, step) alone; each rank
     and micro-batch takes its slice (resume is exact; 2 processes × b see what 1 process × 2b sees). The student's
     timestep s is drawn apart (draw_timestep: the same on every rank)."""
-    g = engine.rank_generator(cfg.seed, step)
+    g = processes.rank_generator(cfg.seed, step)
     n = cfg.global_batch
     return {
         "idx": torch.randint(n_data, (n,), generator=g),  # the real images (and their conditions)
@@ -138,7 +139,7 @@ def validate(cfg: Config) -> None:
         (cfg.r1 >= 0, f"--r1 must be ≥ 0, got {cfg.r1}"),
         (1 <= cfg.disc_t_max <= 1000, f"--disc-t-max must be in [1, 1000], got {cfg.disc_t_max}"),
     ]
-    engine.require(checks)
+    cli.require(checks)
 
 
 def unused(cfg: Config) -> dict:
@@ -153,7 +154,7 @@ class ADD(Distiller):
 
     lr_of = {"opt_g": "lr", "opt_d": "lr_disc"}
 
-    def __init__(self, cfg: Config, dist: engine.Dist):
+    def __init__(self, cfg: Config, dist: processes.Dist):
         validate(cfg)
         super().__init__(cfg, dist)
 
@@ -193,7 +194,7 @@ class ADD(Distiller):
         for m, sl in self.micro_slices():
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
             cond, null_cond, x0_real = self.conditions(d["idx"])
-            with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()), engine.autocast(self.dist, cfg.bf16):
+            with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
                 x_s = student_input(sch, x0_real, d["eps"], s)  # step 2: forward-noised real data
                 x0_hat = student_x0(self.student_ddp, sch, x_s, s, cond, cfg.first_t).float()  # step 3, with gradient
                 terms = {}
@@ -215,7 +216,7 @@ class ADD(Distiller):
         if self.disc is not None:
             self.set_disc_trainable(True)
             for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
-                with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), engine.autocast(self.dist, cfg.bf16):
+                with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
                     dterms = disc_loss(self.disc_ddp, sch, x0_real, x0_fake, d["s_disc"], d["eps_real"],
                                        d["eps_fake"], cond, self.decode, cfg.r1)
                     (sum(v.mean() for v in dterms.values()) / self.accum).backward()

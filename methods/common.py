@@ -19,9 +19,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import record_function
 
-import engine
+import cli
+import processes
+from cli import arg
 from data import Source
-from engine import arg
 from pipeline import encode_prompts, load_pipeline
 from sampler import cond_time, eps_fn_for, guided_eps, student_sample
 from schedule import VPSchedule
@@ -72,13 +73,13 @@ def student_x0(student, schedule: VPSchedule, x_t: torch.Tensor, t: int, cond, f
 def draw_timestep(timesteps: tuple, seed: int, step: int) -> int:
     """The training t for this iteration, uniform over the student's timesteps. The generator depends only
     on (seed, step), so every DDP rank draws the same t (equal work per rank) and resume is exact."""
-    g = engine.rank_generator(seed, step, stream=7)
+    g = processes.rank_generator(seed, step, stream=7)
     return int(timesteps[torch.randint(len(timesteps), (1,), generator=g).item()])
 
 
 def validate_run(cfg: RunConfig) -> None:
     """The fields every method shares, before anything is loaded or written: one ValueError line."""
-    engine.validate_common(cfg)
+    cli.validate_common(cfg)
     if len(cfg.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.adam_betas):
         raise ValueError(f"--adam-betas must be two numbers in [0, 1), got {cfg.adam_betas}")
     if cfg.grad_clip < 0 or cfg.sample_every < 0:
@@ -94,10 +95,10 @@ class Distiller:
 
     lr_of = {"opt_g": "lr"}  # optimiser → its learning-rate field (a resumed run applies the new values)
 
-    def __init__(self, cfg: RunConfig, dist: engine.Dist):
+    def __init__(self, cfg: RunConfig, dist: processes.Dist):
         self.cfg, self.dist = cfg, dist
         validate_run(cfg)
-        self.accum = engine.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
+        self.accum = processes.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
         device = dist.device
 
         pipe = load_pipeline(cfg.teacher)
@@ -200,7 +201,7 @@ class Distiller:
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
         with record_function("ema"):
-            engine.update_ema(self.ema, self.student, self.cfg.ema_decay)
+            processes.update_ema(self.ema, self.student, self.cfg.ema_decay)
         return norm
 
     @torch.no_grad()

@@ -31,9 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import engine
+import cli
+import processes
+from cli import arg
 from discriminator import ConvHead
-from engine import arg
 from methods.common import Distiller, RunConfig, dm_gradient, dm_surrogate, draw_timestep, fake_score_loss
 from sampler import cond_time, eps_fn_for, sample_renoise
 from schedule import VPSchedule
@@ -146,7 +147,7 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: 
     """All the randomness of one iteration for the GLOBAL batch from a generator of (seed, step) alone; each rank
     and micro-batch takes its slice (resume is exact; 2 processes × b see what 1 process × 2b sees). The only
     other draws: the step index (draw_timestep) and the simulation's fresh noise (simulation_generator)."""
-    g = engine.rank_generator(cfg.seed, step)
+    g = processes.rank_generator(cfg.seed, step)
     n = cfg.global_batch
     lo, hi = int(DM_T_RANGE[0] * T), int(DM_T_RANGE[1] * T)
     return {
@@ -167,7 +168,7 @@ def simulation_generator(seed: int, step: int, sl: slice) -> torch.Generator:
     """The backward simulation's fresh noise for one micro-batch: keyed on (seed, step, the slice's place in the
     global batch), so it does not depend on which rank runs the slice. sample_renoise draws noise of the
     micro-batch's shape, so a different micro-batch SIZE draws different (equally distributed) noise."""
-    return engine.rank_generator(seed, step, sl.start, stream=SIM_STREAM)
+    return processes.rank_generator(seed, step, sl.start, stream=SIM_STREAM)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def validate(cfg: Config) -> None:
               (cfg.cfg_scale >= 0, f"--cfg-scale must be ≥ 0 (1: no guidance), got {cfg.cfg_scale}"),
               (cfg.gan_weight >= 0 and cfg.gan_weight_fake >= 0, "--gan-weight and --gan-weight-fake must be ≥ 0"),
               (1 <= cfg.gan_t_max <= 1000, f"--gan-t-max must be in [1, 1000], got {cfg.gan_t_max}")]
-    engine.require(checks)
+    cli.require(checks)
 
 
 def unused(cfg: Config) -> dict:
@@ -194,7 +195,7 @@ class DMD2(Distiller):
 
     lr_of = {"opt_g": "lr", "opt_fake": "lr_fake"}  # optimiser → its learning-rate field
 
-    def __init__(self, cfg: Config, dist: engine.Dist):
+    def __init__(self, cfg: Config, dist: processes.Dist):
         validate(cfg)
         self.gan = cfg.gan_weight > 0
         super().__init__(cfg, dist)
@@ -230,12 +231,12 @@ class DMD2(Distiller):
         for m, sl in self.micro_slices():
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
             cond, null_cond, x0_real = self.conditions(d["idx"], need_images=self.gan)
-            with engine.autocast(self.dist, cfg.bf16):
-                x_t = backward_simulation(engine.unwrap(self.student_ddp), sch, d["x_T"], cond, cfg.timesteps, i,
+            with processes.autocast(self.dist, cfg.bf16):
+                x_t = backward_simulation(processes.unwrap(self.student_ddp), sch, d["x_T"], cond, cfg.timesteps, i,
                                           cfg.first_t, simulation_generator(cfg.seed, step, sl))  # no gradient
                 if not theta_step:  # φ's samples only
                     with torch.no_grad():
-                        x0 = generator_x0(engine.unwrap(self.student_ddp), sch, x_t, t, cond, cfg.first_t)
+                        x0 = generator_x0(processes.unwrap(self.student_ddp), sch, x_t, t, cond, cfg.first_t)
                 else:
                     with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
                         x0 = generator_x0(self.student_ddp, sch, x_t, t, cond, cfg.first_t)  # Eq. 5, with gradient
@@ -257,7 +258,7 @@ class DMD2(Distiller):
         # ---- fake score φ (and its head): every iteration, on the detached samples ----------------------
         self.fake.requires_grad_(True)
         for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
-            with (torch.enable_grad() if self.sync(m) else self.fake_ddp.no_sync()), engine.autocast(self.dist, cfg.bf16):
+            with (torch.enable_grad() if self.sync(m) else self.fake_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
                 terms = {"fake": fake_score_loss(self.fake_ddp, sch, x0_fake, d["eps_fake"], d["t_fake"], cond)}
                 if self.gan:
                     terms["gan_d"] = gan_d_loss(*realism_logits(self.fake_ddp, sch, x0_real, x0_fake, d["s_real"],

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-import engine
-from engine import arg
+import cli
+import processes
+from cli import arg
 from methods.common import Distiller, RunConfig, dm_gradient, dm_surrogate, fake_score_loss, student_x0
 from sampler import guided_eps
 from schedule import VPSchedule
@@ -152,7 +153,7 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> 
     """All the randomness of one iteration for the GLOBAL batch, from a generator that depends only on
     (seed, step): each rank and micro-batch takes its slice, so 2 processes × b see exactly what 1 process × 2b
     sees, and a resumed run continues exactly. The Langevin noises are (B, K, …) so that they slice per sample."""
-    g = engine.rank_generator(cfg.seed, step)
+    g = processes.rank_generator(cfg.seed, step)
     n, K = cfg.global_batch, cfg.langevin_steps
     return {
         "idx": torch.randint(n_data, (n,), generator=g),
@@ -180,7 +181,7 @@ def validate(cfg: Config) -> None:
               (0 <= cfg.t_min <= cfg.t_max < 1000, f"need 0 ≤ --t-min ≤ --t-max ≤ 999, got {cfg.t_min}, {cfg.t_max}"),
               (0 < cfg.step_eps <= 1 and 0 < cfg.step_z <= 1,
                f"Langevin step sizes must be in (0, 1], got {cfg.step_eps}, {cfg.step_z}")]
-    engine.require(checks)
+    cli.require(checks)
 
 
 def unused(cfg: Config) -> dict:
@@ -194,7 +195,7 @@ class EMD(Distiller):
 
     lr_of = {"opt_g": "lr", "opt_fake": "lr_fake"}  # optimiser → its learning-rate field
 
-    def __init__(self, cfg: Config, dist: engine.Dist):
+    def __init__(self, cfg: Config, dist: processes.Dist):
         validate(cfg)
         super().__init__(cfg, dist)
 
@@ -218,7 +219,7 @@ class EMD(Distiller):
     def train_step(self) -> dict:
         cfg, step, sch = self.cfg, self.step, self.schedule
         draws = draw_iteration(cfg, step, self.source.n, self.latent_shape)
-        student = engine.unwrap(self.student_ddp)
+        student = processes.unwrap(self.student_ddp)
         logs, micro = {}, []
         for m, sl in self.micro_slices():
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
@@ -228,7 +229,7 @@ class EMD(Distiller):
         if step % cfg.ratio == 0:
             self.fake.requires_grad_(False)  # the θ step's gradient must not land in φ
             for m, (d, cond, null_cond) in enumerate(micro):
-                with engine.autocast(self.dist, cfg.bf16):
+                with processes.autocast(self.dist, cfg.bf16):
                     eps_K, z_K = e_step(cfg, student, self.teacher_fn, self.fake, sch, d["z"], d["eps"], d["t"],
                                         cond, null_cond, d["noise_eps"], d["noise_z"])  # Eq. E1–E3, detached
                     with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
@@ -243,7 +244,7 @@ class EMD(Distiller):
 
         # ---- φ step (every iteration): the ε-loss on detached samples of the current generator -------------
         for m, (d, cond, _) in enumerate(micro):
-            with engine.autocast(self.dist, cfg.bf16):
+            with processes.autocast(self.dist, cfg.bf16):
                 with torch.no_grad():  # stop-gradient: φ learns from g_θ's samples, θ gets nothing from this step
                     x0_fake = generator(student, sch, d["z"], cond, cfg.first_t)
                 with (torch.enable_grad() if self.sync(m) else self.fake_ddp.no_sync()):

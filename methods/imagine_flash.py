@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-import engine
+import cli
+import processes
+from cli import arg
 from discriminator import disc_logits, disc_loss, g_hinge_loss, make_discriminator
-from engine import arg
 from methods.common import Distiller, RunConfig, draw_timestep, student_x0
 from sampler import eps_fn_for, sample, uniform
 from schedule import VPSchedule
@@ -171,7 +172,7 @@ def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> 
     """All the randomness of one iteration for the GLOBAL batch, from a generator that depends only on
     (seed, step). Each rank and micro-batch takes its slice, so 2 processes × b see exactly what
     1 process × 2b sees, and a resumed run continues exactly."""
-    g = engine.rank_generator(cfg.seed, step)
+    g = processes.rank_generator(cfg.seed, step)
     n = cfg.global_batch
     return {
         "idx": torch.randint(n_data, (n,), generator=g),
@@ -223,7 +224,7 @@ def validate(cfg: Config) -> None:
          f"--recon none leaves only the adversarial term, so --adv-t-min ({cfg.adv_t_min}) must be ≤ the lowest "
          f"timestep {min(cfg.timesteps)} (e.g. --adv-t-min 0)"),
     ]
-    engine.require(checks)
+    cli.require(checks)
     if cfg.recon == "srl":  # every timestep the student trains at has its γ, and each γ is a timestep ≥ k
         for t in cfg.timesteps:
             g = gamma_of(t, cfg.gamma)
@@ -245,7 +246,7 @@ class ImagineFlash(Distiller):
 
     lr_of = {"opt_g": "lr", "opt_d": "lr_disc"}
 
-    def __init__(self, cfg: Config, dist: engine.Dist):
+    def __init__(self, cfg: Config, dist: processes.Dist):
         validate(cfg)
         super().__init__(cfg, dist)
 
@@ -284,10 +285,10 @@ class ImagineFlash(Distiller):
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
             # real images only where this iteration reads them: forward noising, or the discriminator's real side
             cond, null_cond, x0_real = self.conditions(d["idx"], need_images=not cfg.backward or disc is not None)
-            with engine.autocast(self.dist, cfg.bf16):
+            with processes.autocast(self.dist, cfg.bf16):
                 with record_function("rollout"):
                     if cfg.backward:  # step 2
-                        x_t = backward_rollout(engine.unwrap(self.student_ddp), self.schedule, d["x_T"], cond, t,
+                        x_t = backward_rollout(processes.unwrap(self.student_ddp), self.schedule, d["x_T"], cond, t,
                                                cfg.timesteps, cfg.noise_correction, first_t=cfg.first_t)
                     else:
                         x_t = forward_noising(self.schedule, x0_real, d["eps"], t)
@@ -309,7 +310,7 @@ class ImagineFlash(Distiller):
             if cfg.disc == "projected":
                 self.disc.vit.requires_grad_(False)
             for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
-                with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), engine.autocast(self.dist, cfg.bf16):
+                with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
                     with record_function("disc_forward"):
                         dterms = disc_loss(self.disc_ddp, self.schedule, x0_real, x0_fake, d["s"], d["eps_real"],
                                            d["eps_fake"], cond, decode, cfg.r1)

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-import engine
-from engine import arg
+import cli
+import processes
+from cli import arg
 from methods.common import Distiller, RunConfig
 from sampler import ddim_step, guided_eps
 from schedule import VPSchedule
@@ -141,7 +142,7 @@ def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float = 0.001
 def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, grid: list[int]) -> dict:
     """All the randomness of one iteration for the GLOBAL batch from a generator of (seed, step) alone; each rank
     and micro-batch takes its slice (resume is exact; 2 processes × b see what 1 process × 2b sees)."""
-    g = engine.rank_generator(cfg.seed, step)
+    g = processes.rank_generator(cfg.seed, step)
     n = cfg.global_batch
     t_start = torch.tensor(grid)[torch.randint(len(grid), (n,), generator=g)]  # t_{n+k}, per sample
     return {
@@ -162,7 +163,7 @@ def validate(cfg: Config) -> list[int]:
         (cfg.huber_c > 0, f"--huber-c must be > 0, got {cfg.huber_c}"),
         (cfg.timestep_scaling > 0, f"--timestep-scaling must be > 0, got {cfg.timestep_scaling}"),
     ]
-    engine.require(checks)
+    cli.require(checks)
     grid = skip_grid(cfg.skip)
     off = [t for t in cfg.timesteps if t not in grid]
     if off:
@@ -186,7 +187,7 @@ def unused(cfg: Config) -> dict:
 class LCM(Distiller):
     """The shared Distiller (teacher, θ = student, its exported EMA, data) plus the target network θ⁻."""
 
-    def __init__(self, cfg: Config, dist: engine.Dist):
+    def __init__(self, cfg: Config, dist: processes.Dist):
         self.grid = validate(cfg)
         super().__init__(cfg, dist)
 
@@ -214,7 +215,7 @@ class LCM(Distiller):
         for m, sl in self.micro_slices():
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
             cond, null_cond, x0_real = self.conditions(d["idx"])
-            with engine.autocast(self.dist, cfg.bf16):
+            with processes.autocast(self.dist, cfg.bf16):
                 x_start = sch.q_sample(x0_real, d["eps"], d["t_start"])  # step 2, Eq. 1: x_{t_{n+k}} of real data
                 x_end = teacher_solve(self.teacher_fn, sch, x_start, d["t_start"], d["t_end"], cond, null_cond,
                                       cfg.cfg_scale)  # step 3: x̂_{t_n}, no gradient
@@ -226,7 +227,7 @@ class LCM(Distiller):
                     (loss.mean() / self.accum).backward()
             logs["lcm"] = logs.get("lcm", 0.0) + loss.mean().item() / self.accum
         logs["grad_norm"] = self.update_student()  # step 6: clip, Adam, the exported EMA
-        engine.update_ema(self.target, self.student, cfg.target_decay)  # θ⁻ ← μ θ⁻ + (1 − μ) θ, no grad
+        processes.update_ema(self.target, self.student, cfg.target_decay)  # θ⁻ ← μ θ⁻ + (1 − μ) θ, no grad
         self.step += 1
         logs["t"] = int(draws["t_start"].float().mean())  # the runner pops it (per-sample times here)
         return logs

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-import engine
-from engine import arg
+import cli
+import processes
+from cli import arg
 from methods.common import Distiller, RunConfig
 from sampler import ddim_step, guided_eps, trailing
 from schedule import VPSchedule
@@ -182,7 +183,7 @@ def distill_loss(x0_hat: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: int, n_student: int) -> dict:
     """All the randomness of one iteration for the GLOBAL batch, from a generator of (seed, step) alone: each rank
     and micro-batch takes its slice (resume is exact; 2 processes × b see what 1 process × 2b sees)."""
-    g = engine.rank_generator(cfg.seed, step)
+    g = processes.rank_generator(cfg.seed, step)
     n = cfg.global_batch
     return {
         "idx": torch.randint(n_data, (n,), generator=g),  # real images (both stages noise data)
@@ -208,7 +209,7 @@ def validate(cfg: Config) -> None:
               (cfg.steps <= total_steps(cfg), f"--steps {cfg.steps} is past the schedule: stage 1 "
                f"({cfg.stage1_steps}) + {n_rounds(cfg.start_steps, cfg.final_steps)} rounds × "
                f"{cfg.steps_per_round} = {total_steps(cfg)} iterations")]
-    engine.require(checks)
+    cli.require(checks)
 
 
 def unused(cfg: Config) -> dict:
@@ -219,7 +220,7 @@ def unused(cfg: Config) -> dict:
 class StepDistill(Distiller):
     """The shared Distiller (guided teacher, student, EMA, data) plus the round's frozen teacher."""
 
-    def __init__(self, cfg: Config, dist: engine.Dist):
+    def __init__(self, cfg: Config, dist: processes.Dist):
         validate(cfg)
         cfg.timesteps = tuple(student_grid(cfg.final_steps))  # derived (config.json records what is exported)
         super().__init__(cfg, dist)
@@ -262,7 +263,7 @@ class StepDistill(Distiller):
         for m, sl in self.micro_slices():
             d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
             cond, null_cond, x0_real = self.conditions(d["idx"])
-            with engine.autocast(self.dist, cfg.bf16):
+            with processes.autocast(self.dist, cfg.bf16):
                 if ph.stage == 1:
                     t = d["t"]
                     x_t = sch.q_sample(x0_real, d["eps"], t)  # Eq. 1, forward noising of real data

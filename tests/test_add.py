@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import distill
-import engine
+import checkpoints
+import processes
 from methods import add, common
 from pipeline import load_pipeline
 from toyteacher import env1, SIZE, gen, make_dinov2, same, snapshot, tiny_unet
@@ -31,7 +32,7 @@ def add_args(teacher: str, out: str, *extra: str) -> list[str]:
 
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(add_args(teacher, str(out), *extra))
-    return distill.build(cfg, engine.Dist())
+    return distill.build(cfg, processes.Dist())
 
 
 def step_with(cfg, s: int) -> int:
@@ -199,8 +200,8 @@ def test_resume_is_bit_identical(teacher, tmp_path):
     distill.main(add_args(teacher, str(straight), "--steps", "4", "--ckpt-every", "4", *common_args))
     distill.main(add_args(teacher, str(split), "--steps", "2", "--ckpt-every", "2", *common_args))
     distill.main(add_args(teacher, str(split), "--steps", "4", "--ckpt-every", "4", "--resume", "auto", *common_args))
-    a, meta = engine.read_state(str(straight / "state.safetensors"))
-    b, meta_b = engine.read_state(str(split / "state.safetensors"))
+    a, meta = checkpoints.read_state(str(straight / "state.safetensors"))
+    b, meta_b = checkpoints.read_state(str(split / "state.safetensors"))
     assert meta["step"] == meta_b["step"] == 4 and meta["optimizers"] == meta_b["optimizers"]
     assert {k.split(".")[0] for k in a} == {"student", "ema", "disc", "opt_g", "opt_d", "rng"}
     assert a.keys() == b.keys()

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import distill
-import engine
+import processes
 from discriminator import (ProjectedDiscriminator, TokenHead, UNetDiscriminator, d_hinge_loss, g_hinge_loss,
                            r1_penalty)
 from pipeline import load_pipeline
@@ -145,7 +145,7 @@ def test_projected_disc_distillation_offline(teacher, vit_folder, tmp_path):
     # generator's gradient crosses the frozen ViT
     cfg, _ = distill.parse_args(tiny_args(teacher, str(tmp_path), "--disc", "projected", "--disc-vit", vit_folder,
                                           "--recon", "none", "--r1", "0.1", "--lr", "1e-3", "--lr-disc", "1e-3"))
-    d = distill.build(cfg, engine.Dist())
+    d = distill.build(cfg, processes.Dist())
     assert isinstance(d.disc, ProjectedDiscriminator)
     assert {id(p) for g in d.opt_d.param_groups for p in g["params"]} == {id(p) for p in d.disc.heads.parameters()}
     student, vit, heads = snapshot(d.student), snapshot(d.disc.vit), snapshot(d.disc.heads)
@@ -160,7 +160,7 @@ def test_projected_disc_distillation_offline(teacher, vit_folder, tmp_path):
 
 def test_unet_disc_distillation_with_r1(teacher, tmp_path):
     cfg, _ = distill.parse_args(tiny_args(teacher, str(tmp_path), "--r1", "0.1", "--steps", "2"))
-    d = distill.build(cfg, engine.Dist())
+    d = distill.build(cfg, processes.Dist())
     assert isinstance(d.disc, UNetDiscriminator)
     logs = d.train_step()
     assert set(logs) == {"recon", "adv_g", "d", "r1", "t", "grad_norm"} and logs["r1"] > 0

@@ -1,4 +1,4 @@
-"""distill.py (and engine.py's checkpoints): every loss against a naive per-sample reference written out by
+"""distill.py (and checkpoints.py): every loss against a naive per-sample reference written out by
 hand, gradients only in the network that owns them, γ(t) and the timestep draw, the ablation flags, exact
 resume, 2 processes × b = 1 process × 2b under torchrun, and a command-line smoke run. All on a tiny random
 teacher (tests/toyteacher.py): mechanics, not image quality."""
@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 import distill
 from methods import imagine_flash
-import engine
+import checkpoints
+import processes
+import runs
 from pipeline import load_pipeline
 from toyteacher import env1, gen, same, snapshot, tiny_args, tiny_unet
 
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def build(teacher, out, *extra) :
     cfg, _ = distill.parse_args(tiny_args(teacher, str(out), *extra))
-    return distill.build(cfg, engine.Dist())
+    return distill.build(cfg, processes.Dist())
 
 
 def step_with_t(cfg, t: int) -> int:
@@ -326,7 +328,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(teacher, tmp_path):
     states = []
     for d, name in ((big, "a.safetensors"), (small, "b.safetensors")):
         d.train_step()
-        engine.save_state(str(tmp_path / name), 1, *d.state())
+        checkpoints.save_state(str(tmp_path / name), 1, *d.state())
         states.append(load_file(str(tmp_path / name)))
     assert_same_update(*states, atol=1e-6)
 
@@ -488,10 +490,10 @@ def test_resume_is_exact(teacher, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     distill.main(tiny_args(teacher, str(straight), "--steps", "4", "--ckpt-every", "4", *common))
     distill.main(tiny_args(teacher, str(split), "--steps", "2", "--ckpt-every", "2", *common))
-    assert engine.read_state(str(split / "state.safetensors"))[1]["step"] == 2
+    assert checkpoints.read_state(str(split / "state.safetensors"))[1]["step"] == 2
     distill.main(tiny_args(teacher, str(split), "--steps", "4", "--ckpt-every", "2", "--resume", "auto", *common))
-    a, meta = engine.read_state(str(straight / "state.safetensors"))
-    b, meta_b = engine.read_state(str(split / "state.safetensors"))
+    a, meta = checkpoints.read_state(str(straight / "state.safetensors"))
+    b, meta_b = checkpoints.read_state(str(split / "state.safetensors"))
     assert meta["step"] == meta_b["step"] == 4 and meta["optimizers"] == meta_b["optimizers"]
     assert a.keys() == b.keys() and {k.split(".")[0] for k in a} == {"student", "ema", "disc", "opt_g", "opt_d", "rng"}
     for k in a:
@@ -508,8 +510,8 @@ def test_corrupt_checkpoint_is_one_line_and_untouched(teacher, tmp_path, capsys)
     net(torch.randn(4, 3)).sum().backward()
     opt.step()
     good = tmp_path / "good.safetensors"
-    engine.save_state(str(good), 7, {"net": net}, {"opt": opt})
-    assert engine.load_state(str(good), {"net": nn.Linear(3, 2)}, {"opt": opt})["step"] == 7
+    checkpoints.save_state(str(good), 7, {"net": net}, {"opt": opt})
+    assert checkpoints.load_state(str(good), {"net": nn.Linear(3, 2)}, {"opt": opt})["step"] == 7
     raw = good.read_bytes()
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": torch.zeros(2)}, str(foreign))
@@ -520,11 +522,11 @@ def test_corrupt_checkpoint_is_one_line_and_untouched(teacher, tmp_path, capsys)
         path = tmp_path / name
         path.write_bytes(content)
         with pytest.raises(ValueError) as e:
-            engine.load_state(str(path), {"net": nn.Linear(3, 2)}, {"opt": opt})
+            checkpoints.load_state(str(path), {"net": nn.Linear(3, 2)}, {"opt": opt})
         assert "\n" not in str(e.value) and str(path) in str(e.value), name
         assert path.read_bytes() == content, name
     with pytest.raises(FileNotFoundError):
-        engine.load_state(str(tmp_path / "missing.safetensors"), {"net": net}, {})
+        checkpoints.load_state(str(tmp_path / "missing.safetensors"), {"net": net}, {})
     # through the command line: exit code 2, one line, the file left as it was
     bad = tmp_path / "run" / "state.safetensors"
     bad.parent.mkdir()
@@ -567,7 +569,7 @@ def test_cli_smoke_run(cli_run, teacher):
         assert len(per_t) == 1 and int(per_t[0][6:]) in (999, 750, 500) and rec[per_t[0]] == rec["recon"]
     # the exported student is the EMA, and loads back as a pipeline like the teacher
     student = load_pipeline(str(out / "student"))
-    state, _ = engine.read_state(str(out / "state.safetensors"))
+    state, _ = checkpoints.read_state(str(out / "state.safetensors"))
     for k, v in student.unet.state_dict().items():
         assert torch.equal(v, state["ema." + k]), k
     assert student.unet.config == load_pipeline(teacher).unet.config
@@ -617,10 +619,10 @@ def test_time_budget_stops_checkpoints_and_exports(teacher, tmp_path, monkeypatc
     that step, and wall.json records the time (compare.py's budget column)."""
     import distill as runner
     clock = iter(range(0, 10_000, 40))  # every reading of the clock is 40 s later
-    monkeypatch.setattr(engine.Wall, "clock", staticmethod(lambda: float(next(clock))))
+    monkeypatch.setattr(runs.Wall, "clock", staticmethod(lambda: float(next(clock))))
     out = tmp_path / "run"
     runner.main(tiny_args(teacher, str(out), "--steps", "50", "--time-budget", "2", "--ckpt-every", "100"))
     wall = json.loads((out / "wall.json").read_text())
-    step = engine.read_state(str(out / "state.safetensors"))[1]["step"]
+    step = checkpoints.read_state(str(out / "state.safetensors"))[1]["step"]
     assert 1 < step < 50 and wall["step"] == step and wall["seconds"] >= 120
     assert (out / "student" / "unet" / "config.json").is_file()

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import distill
-import engine
+import checkpoints
+import processes
 from gmm import GaussianMixture
 from methods import common, dmd2
 from pipeline import load_pipeline
@@ -34,7 +35,7 @@ def dmd2_args(teacher: str, out: str, *extra: str) -> list[str]:
 
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(dmd2_args(teacher, str(out), *extra))
-    return distill.build(cfg, engine.Dist())
+    return distill.build(cfg, processes.Dist())
 
 
 def alpha_sigma(schedule, t: int) -> tuple[float, float]:
@@ -308,7 +309,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(teacher, tmp_path):
     states = []
     for d, name in ((big, "a.safetensors"), (small, "b.safetensors")):
         d.train_step()
-        engine.save_state(str(tmp_path / name), 1, *d.state())
+        checkpoints.save_state(str(tmp_path / name), 1, *d.state())
         states.append(load_file(str(tmp_path / name)))
     assert_same_update(*states)
 
@@ -335,8 +336,8 @@ def test_resume_is_bit_identical(teacher, tmp_path):
     distill.main(dmd2_args(teacher, str(straight), "--steps", "5", "--ckpt-every", "5", *common_args))
     distill.main(dmd2_args(teacher, str(split), "--steps", "2", "--ckpt-every", "2", *common_args))
     distill.main(dmd2_args(teacher, str(split), "--steps", "5", "--ckpt-every", "5", "--resume", "auto", *common_args))
-    a, meta = engine.read_state(str(straight / "state.safetensors"))
-    b, meta_b = engine.read_state(str(split / "state.safetensors"))
+    a, meta = checkpoints.read_state(str(straight / "state.safetensors"))
+    b, meta_b = checkpoints.read_state(str(split / "state.safetensors"))
     assert meta["step"] == meta_b["step"] == 5 and meta["optimizers"] == meta_b["optimizers"]
     assert {k.split(".")[0] for k in a} == {"student", "ema", "fake", "opt_g", "opt_fake", "rng"}
     assert a.keys() == b.keys()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import distill
-import engine
+import checkpoints
+import processes
 from methods import common, emd
 from pipeline import load_pipeline
 from sampler import eps_fn_for, student_sample
@@ -31,7 +32,7 @@ def emd_args(teacher: str, out: str, *extra: str) -> list[str]:
 
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(emd_args(teacher, out, *extra))
-    return distill.build(cfg, engine.Dist())
+    return distill.build(cfg, processes.Dist())
 
 
 def alpha_sigma(schedule, t: int) -> tuple[float, float]:
@@ -316,8 +317,8 @@ def test_resume_is_exact(teacher, tmp_path):
     distill.main(emd_args(teacher, straight, "--steps", "4", "--ckpt-every", "4", *common_args))
     distill.main(emd_args(teacher, split, "--steps", "2", "--ckpt-every", "2", *common_args))
     distill.main(emd_args(teacher, split, "--steps", "4", "--ckpt-every", "2", "--resume", "auto", *common_args))
-    a, meta = engine.read_state(str(straight / "state.safetensors"))
-    b, meta_b = engine.read_state(str(split / "state.safetensors"))
+    a, meta = checkpoints.read_state(str(straight / "state.safetensors"))
+    b, meta_b = checkpoints.read_state(str(split / "state.safetensors"))
     assert meta["step"] == meta_b["step"] == 4 and meta["optimizers"] == meta_b["optimizers"]
     assert {k.split(".")[0] for k in a} == {"student", "ema", "fake", "opt_g", "opt_fake", "rng"}
     assert a.keys() == b.keys()

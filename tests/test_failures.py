@@ -14,7 +14,9 @@ import torch
 
 import compare
 import distill
-import engine
+import checkpoints
+import processes
+import runs
 import evaluate
 import train
 from methods import common, imagine_flash
@@ -90,7 +92,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(teacher, tmp_path, cap
     out = tmp_path / "run"
     distill.main(fast(teacher, out, "--steps", "2", "--ckpt-every", "2"))
     good = (out / "state.safetensors").read_bytes()
-    monkeypatch.setattr(engine, "save_file", disk_full)
+    monkeypatch.setattr(checkpoints, "save_file", disk_full)
     line = fails(capsys, fast(teacher, out, "--steps", "4", "--ckpt-every", "1", "--resume", "auto"))
     assert line.startswith("error: no space left on device: ") and "(free some space)" in line
     assert line.endswith(f"at step 3 of {out}; the last checkpoint is {out / 'state.safetensors'} (step 2)"), line
@@ -245,7 +247,7 @@ def test_ctrl_c_in_evaluate_and_compare(teacher, tmp_path, capsys, monkeypatch):
     state = tmp_path / "cmp" / "imagine_flash" / "seed0" / "state.safetensors"
     assert e.value.code == 130 and capsys.readouterr().err.strip() == \
         f"interrupted at step 2 of {state.parent}; the last checkpoint is {state} (step 2)"
-    assert not engine._HELD  # the folder's lock was let go: the same process (or a new one) can continue
+    assert not runs._HELD  # the folder's lock was let go: the same process (or a new one) can continue
     monkeypatch.setattr(imagine_flash.ImagineFlash, "train_step", step)
     compare.main(argv)
     assert (tmp_path / "cmp" / "compare.md").is_file()
@@ -283,13 +285,13 @@ def test_sigterm_is_one_line_exit_143_and_leaves_no_temp_file(teacher, tmp_path)
     assert p.returncode == 143, stdout[-1000:] + stderr[-1000:]
     assert last.startswith("terminated (SIGTERM) at step ") and f"the last checkpoint is {out / 'state.safetensors'}" in last
     assert "Traceback" not in stderr and not temps(out)
-    step = engine.read_state(str(out / "state.safetensors"))[1]["step"]
+    step = checkpoints.read_state(str(out / "state.safetensors"))[1]["step"]
     assert f"(step {step})" in last  # the line names the checkpoint that is really there
 
 
 def test_lock_comes_before_loading_and_dead_temps_go(teacher, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    held = engine.open_run(str(out), "", False, engine.Dist())  # another run holds the folder
+    held = runs.open_run(str(out), "", False, processes.Dist())  # another run holds the folder
     monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pytest.fail("the teacher was loaded before the lock"))
     monkeypatch.setattr(train, "build_unet", lambda *a, **k: pytest.fail("the U-Net was built before the lock"))
     try:
@@ -298,7 +300,7 @@ def test_lock_comes_before_loading_and_dead_temps_go(teacher, tmp_path, capsys, 
                                                     train.main)
     finally:
         held.close()
-        engine._HELD.clear()
+        runs._HELD.clear()
     monkeypatch.undo()
     # a writer killed mid-write left temporary files; the next run removes those whose process is gone
     dead = out / "state.safetensors.4999999.deadbeef.tmp"  # beyond any pid Linux hands out
@@ -315,7 +317,7 @@ def test_run_failing_before_its_first_checkpoint_does_not_block_a_retry(teacher,
     assert "non-finite" in fails(capsys, fast(teacher, out, "--steps", "3", "--ckpt-every", "2", "--lr", "1e30"))
     assert not (out / "state.safetensors").exists()
     distill.main(fast(teacher, out, "--steps", "2", "--ckpt-every", "2"))  # a plain retry: no --resume, no --overwrite
-    assert engine.read_state(str(out / "state.safetensors"))[1]["step"] == 2
+    assert checkpoints.read_state(str(out / "state.safetensors"))[1]["step"] == 2
 
 
 def test_time_budget_stop_says_so(teacher, tmp_path, capsys):

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 import data
 import distill
-import engine
+import checkpoints
+import processes
+import runs
 import train
 from data import CaptionFolder, Source
 from sdfolder import write_caption_folder, write_sd_folder, write_text_encoder, write_tiny_pixel_unet_config
@@ -121,11 +123,11 @@ def test_a_method_without_real_images_decodes_none(t2i, decodes):
     sd, captions, root = t2i
     for method, flags in (("dmd2", ["--gan-weight", "0"]), ("imagine_flash", ["--disc", "none"])):
         d = distill.build(distill.parse_args(t2i_args(sd, captions, root / method, "--method", method, *flags))[0],
-                          engine.Dist())
+                          processes.Dist())
         d.train_step()
         d.samples(2)  # the grid's prompts are captions of the data: no image either
         assert decodes == [], method
-    d = distill.build(distill.parse_args(t2i_args(sd, captions, root / "gan"))[0], engine.Dist())
+    d = distill.build(distill.parse_args(t2i_args(sd, captions, root / "gan"))[0], processes.Dist())
     asked = []
     conditions = d.conditions
     d.conditions = lambda idx, need_images=True: asked.append(idx.tolist()) or conditions(idx, need_images)
@@ -215,10 +217,10 @@ def toy_train(out, *extra):
 
 def test_train_time_budget_stops_checkpoints_and_exports(tmp_path, monkeypatch, capsys):
     clock = iter(range(0, 10_000, 40))  # every reading of the clock is 40 s later
-    monkeypatch.setattr(engine.Wall, "clock", staticmethod(lambda: float(next(clock))))
+    monkeypatch.setattr(runs.Wall, "clock", staticmethod(lambda: float(next(clock))))
     out = tmp_path / "teacher"
     train.main(toy_train(out, "--steps", "50", "--time-budget", "2", "--ckpt-every", "100"))
-    step = engine.read_state(str(out / "state.safetensors"))[1]["step"]
+    step = checkpoints.read_state(str(out / "state.safetensors"))[1]["step"]
     wall = json.loads((out / "wall.json").read_text())
     assert 1 < step < 50 and wall["step"] == step and wall["seconds"] >= 120
     assert (out / "unet" / "config.json").is_file() and (out / "conditioning.json").is_file()
@@ -226,7 +228,7 @@ def test_train_time_budget_stops_checkpoints_and_exports(tmp_path, monkeypatch, 
     assert f"--time-budget 2 min spent at step {step} of 50: stopping, checkpoint and export" in lines
     # a resumed run may change the budget and the threads, and goes on from the checkpoint
     train.main(toy_train(out, "--steps", f"{step + 1}", "--resume", "auto", "--threads", "1"))
-    assert engine.read_state(str(out / "state.safetensors"))[1]["step"] == step + 1
+    assert checkpoints.read_state(str(out / "state.safetensors"))[1]["step"] == step + 1
     assert "time_budget 2.0 → 0.0" in capsys.readouterr().out
 
 
@@ -238,13 +240,13 @@ def test_threads_flag_and_the_machine_fit(monkeypatch, capsys):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for load, n in ((0.1, 2), (0.9, 1), (1.2, 1), (2.5, 1)):  # 2 CPUs: a busy one leaves 1
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
-        assert engine.use_threads(0).startswith(f"{n} thread(s) per process (fit: 2 CPUs") and chosen[-1] == n
+        assert processes.use_threads(0).startswith(f"{n} thread(s) per process (fit: 2 CPUs") and chosen[-1] == n
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of the run share the machine
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert engine.use_threads(0).startswith("1 thread(s)") and chosen[-1] == 1
+    assert processes.use_threads(0).startswith("1 thread(s)") and chosen[-1] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the environment's word, as torchrun sets it
-    assert engine.use_threads(0) == "3 thread(s) per process (OMP_NUM_THREADS)" and chosen[-1] == 3
-    assert engine.use_threads(5) == "5 thread(s) per process (--threads)" and chosen[-1] == 5  # the flag decides
+    assert processes.use_threads(0) == "3 thread(s) per process (OMP_NUM_THREADS)" and chosen[-1] == 3
+    assert processes.use_threads(5) == "5 thread(s) per process (--threads)" and chosen[-1] == 5  # the flag decides
     assert "threads" in train.RESUME_CHANGEABLE and "threads" in distill.RESUME_CHANGEABLE
     for main in (train.main, distill.main):
         with pytest.raises(SystemExit):

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import distill
-import engine
+import checkpoints
+import processes
 from methods import lcm
 from pipeline import load_pipeline
 from sampler import student_sample
@@ -33,7 +34,7 @@ def lcm_args(teacher: str, out: str, *extra: str) -> list[str]:
 
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(lcm_args(teacher, str(out), *extra))
-    return distill.build(cfg, engine.Dist())
+    return distill.build(cfg, processes.Dist())
 
 
 def alpha_sigma(schedule, t: int) -> tuple[float, float]:
@@ -253,8 +254,8 @@ def test_resume_is_bit_identical(teacher, tmp_path):
     distill.main(lcm_args(teacher, str(straight), "--steps", "4", "--ckpt-every", "4", *extra))
     distill.main(lcm_args(teacher, str(split), "--steps", "2", "--ckpt-every", "2", *extra))
     distill.main(lcm_args(teacher, str(split), "--steps", "4", "--ckpt-every", "4", "--resume", "auto", *extra))
-    a, meta = engine.read_state(str(straight / "state.safetensors"))
-    b, meta_b = engine.read_state(str(split / "state.safetensors"))
+    a, meta = checkpoints.read_state(str(straight / "state.safetensors"))
+    b, meta_b = checkpoints.read_state(str(split / "state.safetensors"))
     assert meta["step"] == meta_b["step"] == 4
     assert {k.split(".")[0] for k in a} == {"student", "ema", "target", "opt_g", "rng"}
     assert a.keys() == b.keys()

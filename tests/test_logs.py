@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-import engine
+import logs
 
 
 class Clock:
@@ -23,7 +23,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch):
     c = Clock()
-    monkeypatch.setattr(engine.time, "perf_counter", c)
+    monkeypatch.setattr(logs.time, "perf_counter", c)
     return c
 
 
@@ -38,13 +38,13 @@ def run_logger(capsys, logger, clock, steps, terms_of, seconds_per_step=1.0):
 
 
 def test_line_has_step_of_total_elapsed_and_eta_and_comes_at_step_one(capsys, clock):
-    logger = engine.Logger(125, None, total=800)
+    logger = logs.Logger(125, None, total=800)
     lines = run_logger(capsys, logger, clock, range(1, 126), lambda s: {"loss": 0.5})
     assert len(lines) == 2  # step 1 (a redirected log shows progress at once), then every 125 steps
     assert lines[0].startswith("step   1/800 ") and "elapsed 1s  eta 13m19s" in lines[0]  # 799 steps at 1 s
     assert lines[1].startswith("step 125/800 ") and "elapsed 2m05s  eta 11m15s" in lines[1]  # 675 steps at 1 s
     # a resumed run: elapsed and the time per step are this invocation's, from the step it resumed at
-    logger = engine.Logger(125, None, total=800, start=400)
+    logger = logs.Logger(125, None, total=800, start=400)
     lines = run_logger(capsys, logger, clock, range(401, 500), lambda s: {"loss": 0.5}, seconds_per_step=2.0)
     assert lines == [lines[0]] and lines[0].startswith("step 401/800 ") and "elapsed 2s  eta 13m18s" in lines[0]
 
@@ -59,7 +59,7 @@ def test_a_term_missing_from_an_interval_keeps_every_column_in_place(capsys, clo
         t["grad_norm"] = 1.0
         return t
     log = tmp_path / "log.jsonl"
-    lines = run_logger(capsys, engine.Logger(1, str(log), total=4), clock, range(1, 5), terms)
+    lines = run_logger(capsys, logs.Logger(1, str(log), total=4), clock, range(1, 5), terms)
     first, second, third, fourth = lines  # step 1: no gen, recon@333; step 3: gen and recon@999 appear (appended)
     for name in ("fake", "recon@333", "grad_norm"):
         assert first.index(name) == second.index(name) == third.index(name) == fourth.index(name), name
@@ -77,7 +77,7 @@ def test_counters_print_as_integers_with_their_latest_value(capsys, clock, tmp_p
     # step distillation's round and N change within an interval: the line says where the run is now
     phases = {1: (0, 8), 2: (0, 8), 3: (1, 4), 4: (1, 4), 5: (2, 2), 6: (2, 2)}
     log = tmp_path / "log.jsonl"
-    lines = run_logger(capsys, engine.Logger(3, str(log), total=6), clock, range(1, 7),
+    lines = run_logger(capsys, logs.Logger(3, str(log), total=6), clock, range(1, 7),
                        lambda s: {"distill": 0.5 * s, "round": phases[s][0], "n": phases[s][1]})
     assert re.search(r"distill +0\.50000  round +0  n +8 ", lines[0])
     assert re.search(r"distill +1\.25000  round +1  n +4 ", lines[1])  # steps 2–3: losses averaged, counters latest

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import distill
-import engine
+import checkpoints
+import processes
 from methods import step_distill as sd
 from pipeline import load_pipeline
 from sampler import sample, student_sample, trailing
@@ -33,7 +34,7 @@ def sd_args(teacher: str, out: str, *extra: str) -> list[str]:
 
 def build(teacher, out, *extra):
     cfg, _ = distill.parse_args(sd_args(teacher, str(out), *extra))
-    return distill.build(cfg, engine.Dist())
+    return distill.build(cfg, processes.Dist())
 
 
 def alpha_sigma(schedule, t: int) -> tuple[float, float]:
@@ -251,13 +252,13 @@ def test_resume_mid_round_is_bit_identical(teacher, tmp_path, monkeypatch):
     straight, split = tmp_path / "straight", tmp_path / "split"
     distill.main(sd_args(teacher, str(straight), "--steps", "4", "--ckpt-every", "4", *args))
     distill.main(sd_args(teacher, str(split), "--steps", "2", "--ckpt-every", "2", *args))
-    mid, meta_mid = engine.read_state(str(split / "state.safetensors"))
+    mid, meta_mid = checkpoints.read_state(str(split / "state.safetensors"))
     assert meta_mid["step"] == 2
     keys = [k[len("student."):] for k in mid if k.startswith("student.")]
     assert any(not torch.equal(mid["student." + k], mid["round_teacher." + k]) for k in keys)  # it must be stored
     distill.main(sd_args(teacher, str(split), "--steps", "4", "--ckpt-every", "4", "--resume", "auto", *args))
-    a, meta = engine.read_state(str(straight / "state.safetensors"))
-    b, meta_b = engine.read_state(str(split / "state.safetensors"))
+    a, meta = checkpoints.read_state(str(straight / "state.safetensors"))
+    b, meta_b = checkpoints.read_state(str(split / "state.safetensors"))
     assert meta["step"] == meta_b["step"] == 4 and meta["optimizers"] == meta_b["optimizers"]
     assert {k.split(".")[0] for k in a} == {"student", "ema", "round_teacher", "opt_g", "rng"}
     assert a.keys() == b.keys()
@@ -272,7 +273,7 @@ def test_resume_mid_round_is_bit_identical(teacher, tmp_path, monkeypatch):
     distill.main(sd_args(teacher, str(other), "--steps", "2", "--ckpt-every", "2", *args))
     monkeypatch.setattr(sd.StepDistill, "state", without_round_teacher)
     distill.main(sd_args(teacher, str(other), "--steps", "4", "--ckpt-every", "4", "--resume", "auto", *args))
-    c, _ = engine.read_state(str(other / "state.safetensors"))
+    c, _ = checkpoints.read_state(str(other / "state.safetensors"))
     assert any(not torch.equal(a["student." + k], c["student." + k]) for k in keys)
 
 

@@ -16,7 +16,8 @@ import torch
 import data
 import distill
 from toyteacher import env1
-import engine
+import checkpoints
+import processes
 import train
 from autoencoder import AutoencoderKL, fingerprint
 from conditioning import TextEncoder
@@ -94,7 +95,7 @@ def test_torchrun_two_processes_then_resume(ddp_run, sd, captions):
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "2 process(es), accumulation 1" in first.stdout and first.stdout.count("distill: preset t2i") == 1
     assert "resumed from" in second.stdout and "at step 2" in second.stdout and "step 3" in second.stdout
-    assert engine.read_state(str(out / "state.safetensors"))[1]["step"] == 3
+    assert checkpoints.read_state(str(out / "state.safetensors"))[1]["step"] == 3
     for f in ("student/unet/config.json", "student/unet/diffusion_pytorch_model.safetensors", "student/pipeline.json",
               "student/scheduler/scheduler_config.json", "samples/step_000003.png", "config.json", "log.jsonl"):
         assert (out / f).is_file(), f
@@ -157,7 +158,7 @@ def test_exported_student_loads_in_diffusers_with_our_numbers(ddp_run):
 # --------------------------------------------------------------------------------------------------
 def test_prompts_encoded_once_per_micro_batch(sd, captions, root, monkeypatch):
     cfg, _ = distill.parse_args(t2i_args(sd, captions, root / "once", "--global-batch", "4"))
-    d = distill.build(cfg, engine.Dist())
+    d = distill.build(cfg, processes.Dist())
     assert d.accum == 2 and cfg.cfg_scale == 7.5 and cfg.k == 8 and cfg.disc == "unet" and cfg.timesteps == (999, 750, 500)
     d.pipe.encoder.null(1)  # c_∅ is computed once and cached
     calls = []
@@ -183,7 +184,7 @@ def test_projected_discriminator_sees_decoded_pixels(sd, captions, root, monkeyp
     from toyteacher import make_dinov2
     cfg, _ = distill.parse_args(t2i_args(sd, captions, root / "projected", "--disc", "projected", "--disc-vit",
                                          make_dinov2(str(root / "dinov2"))))
-    d = distill.build(cfg, engine.Dist())
+    d = distill.build(cfg, processes.Dist())
     assert d.disc.heads[0].cond_proj.in_features == TEXT_DIM  # conditioned on the same text embeddings
     seen = []
     forward = d.disc.forward
@@ -204,16 +205,16 @@ def test_latent_cache_encoded_once_and_reused(sd, captions, root, monkeypatch):
     encode = AutoencoderKL.encode
     monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: calls.append(len(x)) or encode(self, x, *a, **k))
     cfg, _ = distill.parse_args(t2i_args(sd, captions, root / "c1", "--steps", "1", "--latent-cache", str(cache)))
-    distill.run(cfg, "t2i", engine.Dist())
+    distill.run(cfg, "t2i", processes.Dist())
     assert sum(calls) == 8  # every image once, while building the cache; none in the training step
     stamp, content = cache.stat().st_mtime_ns, cache.read_bytes()
     calls.clear()
     cfg, _ = distill.parse_args(t2i_args(sd, captions, root / "c2", "--steps", "1", "--latent-cache", str(cache)))
-    distill.run(cfg, "t2i", engine.Dist())
+    distill.run(cfg, "t2i", processes.Dist())
     assert calls == [] and cache.stat().st_mtime_ns == stamp and cache.read_bytes() == content
     # without a cache the real images go through the VAE at every step
     cfg, _ = distill.parse_args(t2i_args(sd, captions, root / "c3", "--steps", "1"))
-    distill.run(cfg, "t2i", engine.Dist())
+    distill.run(cfg, "t2i", processes.Dist())
     assert calls == [2]
 
 
@@ -225,7 +226,7 @@ def test_latent_cache_parts_are_this_runs_own(sd, captions, root):
     foreign = cache.parent / (cache.name + ".part0")
     foreign.write_bytes(b"another run's part, half written")
     vae = AutoencoderKL.from_pretrained(sd)
-    latents, _ = data.encode_latents(str(cache), data.CaptionFolder(captions, size=IMAGE_SIZE), vae, engine.Dist())
+    latents, _ = data.encode_latents(str(cache), data.CaptionFolder(captions, size=IMAGE_SIZE), vae, processes.Dist())
     assert len(latents) == 8 and foreign.read_bytes() == b"another run's part, half written"
     assert sorted(os.listdir(cache.parent)) == sorted([cache.name, foreign.name])
 
@@ -246,14 +247,14 @@ def test_latent_cache_from_another_vae_size_or_folder_is_refused(sd, captions, p
     # another image size, another folder: the same one line, straight from data.py
     vae = AutoencoderKL.from_pretrained(sd)
     with pytest.raises(ValueError, match=r"holds 16 px images, this run needs 32 px") as e:
-        data.encode_latents(str(cache), data.CaptionFolder(captions, size=32), vae, engine.Dist())
+        data.encode_latents(str(cache), data.CaptionFolder(captions, size=32), vae, processes.Dist())
     assert "\n" not in str(e.value)
     fewer = write_caption_folder(str(root / "fewer"), n=5)
     with pytest.raises(ValueError, match=r"holds 8 images, the caption folder has 5"):
-        data.encode_latents(str(cache), data.CaptionFolder(fewer, size=IMAGE_SIZE), vae, engine.Dist())
+        data.encode_latents(str(cache), data.CaptionFolder(fewer, size=IMAGE_SIZE), vae, processes.Dist())
     with pytest.raises(ValueError, match="needs an image–caption folder"):
         distill.build(distill.parse_args(t2i_args(sd, prompts, root / "x3", "--disc", "none",
-                                                      "--latent-cache", str(cache)))[0], engine.Dist())
+                                                      "--latent-cache", str(cache)))[0], processes.Dist())
     assert cache.read_bytes() == content
 
 

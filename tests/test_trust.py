@@ -11,7 +11,10 @@ import torch.nn as nn
 
 import distill
 from methods import imagine_flash
-import engine
+import checkpoints
+import logs
+import processes
+import runs
 import train
 from toyteacher import TINY, make_teacher, tiny_args
 
@@ -61,13 +64,13 @@ def test_nan_run_stops_and_keeps_the_good_checkpoint(teacher, tmp_path, capsys):
 
 def test_check_finite_looks_at_losses_and_weights():
     net = nn.Linear(2, 2)
-    engine.check_finite(1, {"loss": 0.5}, net)
+    runs.check_finite(1, {"loss": 0.5}, net)
     with pytest.raises(ValueError, match="non-finite loss at step 3"):
-        engine.check_finite(3, {"loss": float("nan")}, net)
+        runs.check_finite(3, {"loss": float("nan")}, net)
     with torch.no_grad():
         net.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite Linear weights"):
-        engine.check_finite(4, {"loss": 0.5}, net)
+        runs.check_finite(4, {"loss": 0.5}, net)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +85,7 @@ def test_new_run_into_a_finished_run_is_refused(teacher, tmp_path, capsys):
     assert files(out) == before
     distill.main(fast(teacher, out, "--steps", "1", "--ckpt-every", "1", "--overwrite"))
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == [1] and engine.read_state(str(out / "state.safetensors"))[1]["step"] == 1
+    assert steps == [1] and checkpoints.read_state(str(out / "state.safetensors"))[1]["step"] == 1
 
 
 def test_train_refuses_a_finished_teacher_folder(tmp_path, capsys):
@@ -104,7 +107,7 @@ def test_train_refuses_a_finished_teacher_folder(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 def test_second_concurrent_run_is_refused(teacher, tmp_path, capsys):
     out = tmp_path / "run"
-    held = engine.open_run(str(out), "", False, engine.Dist())  # another run holds the folder
+    held = runs.open_run(str(out), "", False, processes.Dist())  # another run holds the folder
     try:
         line = fails(capsys, fast(teacher, out, "--steps", "1", "--resume", "auto"))
         assert "another run is writing to" in line and f"pid {os.getpid()}" in line
@@ -118,10 +121,10 @@ def test_checkpoint_temp_names_are_unique(tmp_path):
     net = nn.Linear(2, 2)
     path = tmp_path / "state.safetensors"
     (tmp_path / "state.safetensors.tmp").mkdir()  # whatever another writer left under the old fixed name
-    engine.save_state(str(path), 1, {"net": net}, {})
-    assert engine.read_state(str(path))[1]["step"] == 1
+    checkpoints.save_state(str(path), 1, {"net": net}, {})
+    assert checkpoints.read_state(str(path))[1]["step"] == 1
     assert sorted(os.listdir(tmp_path)) == ["state.safetensors", "state.safetensors.tmp"]
-    assert engine.temp_name(str(path)) != engine.temp_name(str(path))
+    assert checkpoints.temp_name(str(path)) != checkpoints.temp_name(str(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ def test_resume_applies_a_new_lr_and_refuses_another_method(teacher, tmp_path, c
         f.write(json.dumps({"step": 2, "recon": 1.0}) + "\n")
     distill.main(tiny_args(teacher, str(out), "--k", "2", "--steps", "2", "--ckpt-every", "1", "--resume", "auto",
                            "--lr", "1e-3", "--lr-disc", "2e-3"))
-    _, meta = engine.read_state(str(out / "state.safetensors"))
+    _, meta = checkpoints.read_state(str(out / "state.safetensors"))
     assert [g["lr"] for g in meta["optimizers"]["opt_g"]["param_groups"]] == [1e-3]
     assert [g["lr"] for g in meta["optimizers"]["opt_d"]["param_groups"]] == [2e-3]
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
@@ -149,18 +152,18 @@ def test_resume_applies_a_new_lr_and_refuses_another_method(teacher, tmp_path, c
 
 def test_state_of_another_model_size_is_one_line(tmp_path):
     path = tmp_path / "state.safetensors"
-    engine.save_state(str(path), 1, {"net": nn.Linear(3, 2)}, {})
+    checkpoints.save_state(str(path), 1, {"net": nn.Linear(3, 2)}, {})
     with pytest.raises(ValueError, match=r"does not fit the net network \(size mismatch") as e:
-        engine.load_state(str(path), {"net": nn.Linear(4, 2)}, {})
+        checkpoints.load_state(str(path), {"net": nn.Linear(4, 2)}, {})
     assert "\n" not in str(e.value)
 
 
 def test_check_resume_names_the_field_and_both_values():
     stored = {"steps": 10, "timesteps": [999, 750, 500], "lr": 1e-4}
-    assert engine.check_resume(stored, {"steps": 20, "timesteps": (999, 750, 500), "lr": 1e-3}, {"steps", "lr"}) == \
+    assert checkpoints.check_resume(stored, {"steps": 20, "timesteps": (999, 750, 500), "lr": 1e-3}, {"steps", "lr"}) == \
         ["steps 10 → 20", "lr 0.0001 → 0.001"]
     with pytest.raises(ValueError, match=r"timesteps = \[999, 666\].*timesteps = \[999, 750, 500\]"):
-        engine.check_resume(stored, {"timesteps": (999, 666)}, {"steps"})
+        checkpoints.check_resume(stored, {"timesteps": (999, 666)}, {"steps"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,16 +215,16 @@ def test_ctrl_c_is_one_line_and_leaves_no_temp_file(teacher, tmp_path, capsys, m
     assert line == f"interrupted at step 2 of {out}; the last checkpoint is {out / 'state.safetensors'} (step 2)"
     # Ctrl-C in the middle of writing a checkpoint: the old one stays, no temporary file is left
     good = (out / "state.safetensors").read_bytes()
-    save_file = engine.save_file
+    save_file = checkpoints.save_file
 
     def torn(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"half a checkpoint")
         raise KeyboardInterrupt
-    monkeypatch.setattr(engine, "save_file", torn)
+    monkeypatch.setattr(checkpoints, "save_file", torn)
     monkeypatch.setattr(imagine_flash.ImagineFlash, "train_step", step)
     fails(capsys, fast(teacher, out, "--steps", "4", "--ckpt-every", "1", "--resume", "auto"), code=130)
-    monkeypatch.setattr(engine, "save_file", save_file)
+    monkeypatch.setattr(checkpoints, "save_file", save_file)
     assert (out / "state.safetensors").read_bytes() == good
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
@@ -281,13 +284,13 @@ def test_latent_cache_follows_its_folder(tmp_path, capsys):
     from sdfolder import write_caption_folder
     folder = write_caption_folder(str(tmp_path / "captions"), n=3)
     cache = tmp_path / "latents.safetensors"
-    z, captions = data.encode_latents(str(cache), data.CaptionFolder(folder, size=8), Identity(), engine.Dist())
+    z, captions = data.encode_latents(str(cache), data.CaptionFolder(folder, size=8), Identity(), processes.Dist())
     assert "encoded and written" in capsys.readouterr().out
     # reuse says so; an edited caption is picked up, the latents are not re-encoded
     first = sorted(f for f in os.listdir(folder) if f.endswith(".txt"))[0]
     with open(os.path.join(folder, first), "w") as f:
         f.write("an edited caption")
-    z2, captions2 = data.encode_latents(str(cache), data.CaptionFolder(folder, size=8), Identity(), engine.Dist())
+    z2, captions2 = data.encode_latents(str(cache), data.CaptionFolder(folder, size=8), Identity(), processes.Dist())
     out = capsys.readouterr().out
     assert "read" in out and "1 caption(s) edited" in out and captions2[0] == "an edited caption"
     assert torch.equal(z, z2) and captions2[1:] == captions[1:]
@@ -297,7 +300,7 @@ def test_latent_cache_follows_its_folder(tmp_path, capsys):
     images = sorted(f for f in os.listdir(copy) if not f.endswith(".txt"))
     shutil.copy(os.path.join(copy, images[0]), os.path.join(copy, images[1]))
     with pytest.raises(ValueError, match="made from other image files") as e:
-        data.encode_latents(str(cache), data.CaptionFolder(str(copy), size=8), Identity(), engine.Dist())
+        data.encode_latents(str(cache), data.CaptionFolder(str(copy), size=8), Identity(), processes.Dist())
     assert "\n" not in str(e.value)
 
 
@@ -354,13 +357,13 @@ def test_config_and_first_lines_say_what_runs(teacher, tmp_path, capsys):
 
 def test_log_is_strict_json_and_no_bar_in_a_redirected_log(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
-    logger = engine.Logger(1, str(log), total=2)
+    logger = logs.Logger(1, str(log), total=2)
     logger.add(loss=float("nan"))
     logger.maybe_print(1, torch.device("cpu"))
     rec = json.loads(log.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert rec["step"] == 1 and rec["loss"] is None
     # under pytest stderr is not a terminal, as in `python distill.py > log 2>&1`: no tqdm line to glue to
-    assert engine.progress_bar(10, 0, "x", engine.Dist()).disable
+    assert logs.progress_bar(10, 0, "x", processes.Dist()).disable
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from processes import Dist, print0
+from processes import Dist, collective_device, print0
 from runs import PROGRESS
 
 
@@ -29,7 +29,8 @@ class Logger:
     """One fixed-width line at the first step of this invocation (a redirected log shows progress within seconds),
     every `every` steps and at the last: step/total, each term, milliseconds per iteration, peak memory, the wall
     time since this invocation's loop began and the ETA to `total` at the mean time per iteration so far. Also
-    appended to a log file as JSON lines (step, each term, ms_per_it, mem_gb, elapsed_s).
+    appended to a log file as JSON lines (step, each term, ms_per_it, mem_gb, elapsed_s). Under torchrun the figures
+    are the whole run's (over_ranks): each loss averaged over the ranks, ms/it and memory the largest rank's.
 
     A term is a loss or a counter, by the type a train step reports it with. A float is a loss: the line shows its
     mean since the last line (over the steps that reported it). An int is a counter (step distillation's round and
@@ -82,6 +83,7 @@ class Logger:
         else:
             import resource
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB → GiB
+        values, ms, mem = over_ranks(values, self.counters, ms, mem)  # every rank's share, not rank 0's alone
         if self.total:
             width = len(str(self.total))
             where = f"step {step:>{width}}/{self.total}"
@@ -118,6 +120,23 @@ class Logger:
         s = int(round(seconds))
         h, m, s = s // 3600, s // 60 % 60, s % 60
         return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def over_ranks(values: dict, counters: set, ms: float, mem: float) -> tuple[dict, float, float]:
+    """A log line's figures for the whole run, not rank 0's shard: each loss averaged over the ranks (every rank
+    averaged its own micro-batches, all of one size, so the mean of the ranks' means is the global batch's mean),
+    ms/it and memory the largest of any rank (the slowest rank sets the pace; the fullest GPU is the limit).
+    Counters are the same on every rank and stay as they are. Every rank calls this at the same steps."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values, ms, mem
+    losses = sorted(k for k in values if k not in counters)  # the same terms, in the same order, on every rank
+    device = collective_device()
+    mean = torch.tensor([float(values[k]) for k in losses], dtype=torch.float64, device=device)
+    dist.all_reduce(mean)
+    mean /= dist.get_world_size()
+    peak = torch.tensor([ms, mem], dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return {**values, **dict(zip(losses, mean.tolist()))}, *peak.tolist()
 
 
 def progress_bar(total: int, initial: int, desc: str, dist_: Dist):

@@ -609,6 +609,14 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(cli_run, 
     assert (out2 / "student/unet/config.json").is_file() and (out2 / "samples/step_000002.png").is_file()
     a, b = load_file(str(out1 / "state.safetensors")), load_file(str(out2 / "state.safetensors"))
     assert_same_update(a, b, atol=1e-5)
+    # the logged losses are the whole batch's, averaged over the ranks, not rank 0's half of it
+    log1, log2 = ([json.loads(line) for line in open(o / "log.jsonl")] for o in (out1, out2))
+    assert [r["step"] for r in log1] == [r["step"] for r in log2] == [1, 2]
+    for r1, r2 in zip(log1, log2):
+        losses = [k for k in r1 if k not in ("step", "ms_per_it", "mem_gb", "elapsed_s", "grad_norm")]
+        assert losses and all(k in r2 for k in losses)
+        for k in losses:
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-7), k
     t0 = load_pipeline(teacher).unet.state_dict()
     moved = max((a["student." + k] - v).abs().max().item() for k, v in t0.items())
     assert moved > 1e-4  # two Adam steps at lr 1e-4: far above the tolerance

@@ -151,6 +151,7 @@ def validate_common(cfg) -> None:
         (cfg.ckpt_every >= 0, f"--ckpt-every must be ≥ 0 (0: never), got {cfg.ckpt_every}"),
         (cfg.time_budget >= 0, f"--time-budget must be ≥ 0 minutes (0: no limit), got {cfg.time_budget}"),
         (cfg.threads >= 0, f"--threads must be ≥ 0 (0: fit the machine), got {cfg.threads}"),
+        (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}"),
         (cfg.data != "toy" or cfg.toy_images >= 1, f"--toy-images must be ≥ 1 for toy data, got {cfg.toy_images}"),
         (cfg.data != "toy" or cfg.toy_size >= 4, f"--toy-size must be ≥ 4 pixels, got {cfg.toy_size}"),
         (not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out} is a file, not a folder"),

@@ -33,7 +33,8 @@ from pipeline import save_pipeline
 # what a resumed run may change: its length, logging, learning rates (each method's lr_of) and how it runs;
 # everything else (the networks, the method, the data, the seed) would silently make another run: refused
 RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume", "overwrite",
-                               "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "threads", "preset"})
+                               "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "threads", "dist_timeout",
+                               "preset"})
 
 
 def parse_args(argv=None):
@@ -105,6 +106,7 @@ def run(cfg, preset: str, dist: processes.Dist):
             checkpoints.set_lr(opt, getattr(cfg, distiller.lr_of[name]))
         distiller.step = meta["step"]
         processes.print0(f"resumed from {resume} at step {distiller.step}")
+    runs.agree_on_resume(distiller.step, resume, distiller.state()[0])  # every rank the same state, or one line
     if dist.main:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:

@@ -11,6 +11,7 @@ One training script at every scale: the processes of a run (shared by train.py a
 """
 import os
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -38,15 +39,22 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
-def setup_distributed(device: str = "auto") -> Dist:
-    """Initialise the process group when launched by torchrun (RANK set), else a single process."""
+def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dist:
+    """Initialise the process group when launched by torchrun (RANK set), else a single process. A collective that
+    waits longer than `timeout_minutes` (--dist-timeout) fails the run instead of hanging: long enough for rank 0
+    alone to write a checkpoint, a grid or the export (tens of GB at SD scale) while the others wait for it."""
     cuda = pick_device(device).type == "cuda"
+    if cuda:
+        # TF32 for the fp32 matmuls and convolutions (the trainable networks' master weights outside autocast): the
+        # tensor cores at ~10 bits of mantissa, what every large diffusion trainer runs with
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return Dist(rank, world, local, torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
@@ -62,7 +70,10 @@ def barrier() -> None:
 
 
 def print0(*args, **kwargs) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """print on the main rank only; torchrun's RANK decides after the process group is gone (a failing run's last
+    line: one line, not one per process)."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if rank == 0:
         print(*args, **kwargs, flush=True)
 
 

@@ -31,7 +31,7 @@ def launch(run, cfg, preset: str) -> None:
     threads = torch.get_num_threads()
 
     def body():
-        dist_ = setup_distributed(cfg.device)
+        dist_ = setup_distributed(cfg.device, cfg.dist_timeout)
         torch.manual_seed(cfg.seed * 1000 + dist_.rank)
         run(cfg, preset, dist_)
         release_run(since=held)
@@ -174,6 +174,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def agree_on_resume(step: int, path: str, modules: dict) -> None:
+    """Every rank must continue from the same state: the same step, the same checkpoint, the same weights. A rank that
+    sees another --out (node-local disks: rank 0 finds <out>/state.safetensors, rank 1 does not and starts at step 0)
+    would otherwise train on silently, its gradients averaged with the others', until the job hangs. Called on every
+    rank after the resume (or fresh start); a mismatch is one ValueError line on every rank."""
+    if not dist_initialized():
+        return
+    plain, sharded = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for name in sorted(modules):  # a fingerprint of the weights: their float64 sum
+        for v in unwrap(modules[name]).state_dict().values():
+            if hasattr(v, "to_local"):  # a sharded (FSDP2) tensor: this rank's shard, summed over the ranks below
+                sharded += v.to_local().detach().double().sum().cpu()
+            elif torch.is_tensor(v):
+                plain += v.detach().double().sum().cpu()
+    total = sharded.to(collective_device())
+    dist.all_reduce(total)  # the same on every rank by construction: the plain weights carry the check
+    mine = (step, os.path.abspath(path) if path else "", f"{plain.item():.12e}", f"{total.item():.12e}")
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    odd = [r for r, e in enumerate(every) if e != every[0]]
+    if odd:
+        def said(r):
+            s, p, _, _ = every[r]
+            return f"rank {r} at step {s} ({'from ' + p if p else 'no checkpoint'})"
+        raise ValueError(f"the ranks resumed different states: {said(0)}, {said(odd[0])}: every rank must see the same "
+                         "--out (a filesystem shared by every node; see README, several nodes)")
 
 
 def check_finite(step: int, logs: dict, *modules: torch.nn.Module) -> None:

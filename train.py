@@ -67,6 +67,8 @@ class TrainConfig:
     bf16: bool = arg(False, "bf16 autocast on CUDA")
     threads: int = arg(0, "torch threads per process (0: fit the machine: OMP_NUM_THREADS, else the CPUs less the load "
                           "of other work; docs/threads.md)")
+    dist_timeout: float = arg(30.0, "minutes a process waits in a collective (torchrun) before the run fails instead of "
+                                    "hanging; rank 0 alone writes checkpoints and the export meanwhile")
 
 
 TRAIN_PRESETS = {
@@ -125,7 +127,7 @@ def build_unet(name: str, **overrides) -> UNet:
 
 # what a resumed run may change (see distill.RESUME_CHANGEABLE): length, logging, learning rate, how it runs
 RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "lr", "warmup", "log_every", "ckpt_every", "resume", "overwrite",
-                               "out", "device", "bf16", "threads", "preset"})
+                               "out", "device", "bf16", "threads", "dist_timeout", "preset"})
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -197,6 +199,7 @@ def run(cfg: TrainConfig, preset: str, dist: processes.Dist) -> None:
         for group in opt.param_groups:  # the warm-up factor at this step, as an uninterrupted run would have it
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
         processes.print0(f"resumed from {resume} at step {step}")
+    runs.agree_on_resume(step, resume, {"model": model, "ema": ema})  # every rank the same state, or one line
     if dist.main:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "train_config.json"), "w") as f:

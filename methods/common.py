@@ -60,6 +60,8 @@ class RunConfig:
     compile: bool = arg(False, "torch.compile the teacher U-Net")
     threads: int = arg(0, "torch threads per process (0: fit the machine: OMP_NUM_THREADS, else the CPUs less the load "
                           "of other work; docs/threads.md)")
+    dist_timeout: float = arg(30.0, "minutes a process waits in a collective (torchrun) before the run fails instead of "
+                                    "hanging; rank 0 alone writes checkpoints and the export meanwhile")
 
 
 def student_x0(student, schedule: VPSchedule, x_t: torch.Tensor, t: int, cond, first_t: int | None = None) -> torch.Tensor:

@@ -622,6 +622,31 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(cli_run, 
     assert moved > 1e-4  # two Adam steps at lr 1e-4: far above the tolerance
 
 
+def test_ranks_that_resume_different_states_stop_with_one_line(teacher, tmp_path):
+    """Node-local disks: rank 0 finds the checkpoint in --out, rank 1 (another "node") does not and would start at
+    step 0. Every rank stops at once with one line (no silent divergence, no hang), exit 2."""
+    out = tmp_path / "run"  # a run at step 2, with its checkpoint (1 process, micro-batch 2: the 2-process shape)
+    first = subprocess.run([sys.executable, "distill.py", *tiny_args(teacher, str(out), *DDP_ARGS), "--micro-batch", "2"],
+                           cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    launcher = tmp_path / "node_local.py"  # rank 1 sees its own (empty) disk: another --out
+    launcher.write_text("import os, runpy, sys\n"
+                        "if os.environ['RANK'] == '1':\n"
+                        "    i = sys.argv.index('--out') + 1\n"
+                        "    sys.argv[i] += '_node2'\n"
+                        f"sys.path.insert(0, {str(ROOT)!r})\n"
+                        f"runpy.run_path({os.path.join(ROOT, 'distill.py')!r}, run_name='__main__')\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                        str(free_port()), str(launcher), *tiny_args(teacher, str(out), *DDP_ARGS), "--steps", "4",
+                        "--micro-batch", "2", "--resume", "auto", "--dist-timeout", "2"], cwd=ROOT, env=env1(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    errors = [line for line in p.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the ranks resumed different states: rank 0 at step 2" in errors[0] and \
+        "rank 1 at step 0 (no checkpoint)" in errors[0] and "shared" in errors[0], p.stdout[-2000:] + p.stderr[-2000:]
+    assert checkpoints.read_state(str(out / "state.safetensors"))[1]["step"] == 2  # nothing was trained or written
+
+
 def test_time_budget_stops_checkpoints_and_exports(teacher, tmp_path, monkeypatch):
     """--time-budget: the run stops at the first step past the budget, with a checkpoint and an exported student at
     that step, and wall.json records the time (compare.py's budget column)."""

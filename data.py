@@ -11,6 +11,8 @@
   loss (Eq. 7 needs noise and conditions, no images).
 - `encode_latents`: a caption folder through the teacher's VAE ONCE, kept in a safetensors file and reused
   (`distill.py --latent-cache PATH`), so a latent-space run decodes no JPEG and runs no VAE encoder per step.
+  Every process maps the file and reads only the rows of its own micro-batches; the ranks that encode it wait for
+  each other on the file system, not in a collective.
 
 Every image tensor here is float32 (3, H, W) in [-1, 1].
 """
@@ -18,11 +20,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import time
 
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 import checkpoints
 import processes
@@ -287,6 +290,13 @@ def read_prompts(path: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # Latents encoded once
+#
+# The cache is ONE safetensors file: `latents` (N, C, h, w) float16 in the folder's order, `captions` (the folder's
+# captions when it was made, JSON as uint8) and the key (VAE fingerprint, size, N, image files) in its metadata.
+# Written once by any number of processes, read by any number: every process maps the file and reads the rows of its
+# own micro-batches when it asks for them, so no process holds N latents (1M images at 4×64×64: 33 GB).
+
+STALL_S = 600.0  # a process waiting for another's part of the cache gives up after this long with no progress
 
 
 def _pack(strings: list[str]) -> torch.Tensor:
@@ -298,6 +308,62 @@ def _unpack(t: torch.Tensor) -> list[str]:
     return json.loads(bytes(t.numpy()).decode())
 
 
+def _safetensors_header(tensors: dict, metadata: dict) -> bytes:
+    """The head of a safetensors file whose data, written after it, holds `tensors` ({name: (dtype, shape, nbytes)})
+    one after another in this order; a file larger than memory is then written piece by piece. The format: the
+    header's length (8 bytes, little-endian), then JSON giving each tensor's dtype, shape and byte range in the data."""
+    header, start = {"__metadata__": metadata}, 0
+    for name, (dtype, shape, nbytes) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, start + nbytes]}
+        start += nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # padded with spaces as safetensors does: the data starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text
+
+
+def _this_runs_files(stem: str) -> list:
+    """(name, bytes) of this run's part and join files now: what a waiting process watches for progress."""
+    folder, prefix = os.path.split(stem)
+    found = []
+    for name in sorted(os.listdir(folder or ".")):
+        if name.startswith(prefix):
+            try:
+                found.append((name, os.stat(os.path.join(folder, name)).st_size))
+            except FileNotFoundError:  # renamed or removed since the listing
+                pass
+    return found
+
+
+def _wait_for(path: str, stem: str, what: str, stall_s: float | None = None) -> None:
+    """Poll the file system until `path` exists. Not a collective: a join of 33 GB takes longer than NCCL's 10-minute
+    timeout, and waiting on files needs no timeout set for the whole run. Any of this run's files growing or appearing
+    (another process encoding, or joining) is progress; nothing changing for stall_s seconds raises (an OSError:
+    runs.py reports it in one line), naming what was awaited."""
+    stall_s = STALL_S if stall_s is None else stall_s
+    seen, since = None, time.monotonic()
+    while not os.path.exists(path):
+        now = _this_runs_files(stem)
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            raise TimeoutError(f"latent cache: waited {stall_s:.0f} s for {what} ({path}) and none of this run's files "
+                               f"({stem}.*) changed: did another process stop? Its own error is in its log")
+        time.sleep(0.2)
+
+
+def _blocks(n: int, world: int) -> list[range]:
+    """The contiguous block of the folder each rank encodes: equal to one image, the larger ones first, so rank 0's
+    is never empty. Contiguous so that joining the parts is one sequential copy, part after part."""
+    sizes = [n // world + (r < n % world) for r in range(world)]
+    return [range(sum(sizes[:r]), sum(sizes[:r + 1])) for r in range(world)]
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        if os.path.exists(p):
+            os.remove(p)
+
+
 def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_size: int = 16):
     """(latents (N, C, h, w) float16, captions): the caption folder through the teacher's VAE, ONCE.
 
@@ -305,65 +371,102 @@ def encode_latents(path: str, dataset: CaptionFolder, autoencoder, dist, batch_s
     weights, autoencoder.fingerprint), the image size and N. An existing file is read, never re-encoded; one
     made with another VAE, size or folder fails in one line and is left as it is. Latents are the posterior
     mean (as when encoding on the fly) in float16: about unit variance, so 3 significant digits, far below
-    the VAE's own reconstruction error, in half the bytes. Under torchrun every rank encodes every world-th
-    image into a part file of this run's own, and rank 0 joins the parts (temporary file + rename: never a
-    torn cache)."""
+    the VAE's own reconstruction error, in half the bytes.
+
+    Under torchrun every rank encodes one contiguous block of the folder into a part file of this run's own (another
+    run encoding into the same path at the same time has its own), written batch by batch; rank 0 waits for the parts
+    on the file system and copies them, one after another, into a temporary file renamed to `path` (never a torn
+    cache); the other ranks wait on the file system for `path`, not in a collective. The returned latents are a
+    memory map of the file (read_latents): each process reads only the rows it indexes."""
     from tqdm.auto import tqdm
     key = {"vae": fingerprint(autoencoder), "size": str(dataset.size), "n": str(len(dataset)),
            "images": dataset.image_fingerprint()}
-    written = not os.path.isfile(path)
+    # every rank follows rank 0's look at the disk (a cache appearing in between would split the ranks) and shares
+    # its name for this run's files
+    plan = [not os.path.isfile(path), checkpoints.temp_name(path)]
+    if processes.dist_initialized():
+        torch.distributed.broadcast_object_list(plan, src=0, device=processes.collective_device())
+    written, stem = plan
     if written:
-        mine = list(range(dist.rank, len(dataset), dist.world))
-        latents, captions = [], []
-        for i in tqdm(range(0, len(mine), batch_size), desc="encode latents", disable=not dist.main, leave=False):
-            items = [dataset[j] for j in mine[i:i + batch_size]]
-            with torch.no_grad():
-                z = autoencoder.encode(torch.stack([x for x, _ in items]).to(dist.device))  # (b, C, h, w)
-            latents.append(z.half().cpu())
-            captions += [c for _, c in items]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        # part files named by a token all ranks of THIS run share: another run encoding into the same path
-        # at the same time has its own
-        stem = [checkpoints.temp_name(path)]
-        if processes.dist_initialized():
-            torch.distributed.broadcast_object_list(stem, src=0, device=processes.collective_device())
-        part = lambda r: f"{stem[0]}.part{r}"  # noqa: E731
-        save_file({"latents": torch.cat(latents) if latents else torch.zeros(0, dtype=torch.float16),
-                   "captions": _pack(captions)}, part(dist.rank))
-        processes.barrier()
+        part = lambda r: f"{stem}.part{r}"  # noqa: E731
+        mine = _blocks(len(dataset), dist.world)[dist.rank]
+        row_shape = None
+        try:
+            with open(part(dist.rank) + ".partial", "wb") as f:  # one batch in memory at a time, never the block
+                for i in tqdm(range(0, len(mine), batch_size), desc="encode latents", disable=not dist.main,
+                              leave=False):
+                    images = torch.stack([to_unit(dataset.decode(j)) for j in mine[i:i + batch_size]])
+                    with torch.no_grad():
+                        z = autoencoder.encode(images.to(dist.device)).half().cpu()  # (b, C, h, w)
+                    row_shape = tuple(z.shape[1:])
+                    f.write(z.numpy().tobytes())
+            os.replace(part(dist.rank) + ".partial", part(dist.rank))  # complete: rank 0 may copy it
+        finally:
+            _remove(part(dist.rank) + ".partial")
         if dist.main:
-            parts = [load_file(part(r)) for r in range(dist.world)]
-            z = torch.empty(len(dataset), *parts[0]["latents"].shape[1:], dtype=torch.float16)
-            all_captions = [""] * len(dataset)
-            for r, p in enumerate(parts):
-                if len(p["latents"]):
-                    z[r::dist.world] = p["latents"]  # rank r encoded images r, r + world, …
-                    all_captions[r::dist.world] = _unpack(p["captions"])
-            tmp = checkpoints.temp_name(path)
-            save_file({"latents": z, "captions": _pack(all_captions)}, tmp, metadata={**key, "data": dataset.root})
-            os.replace(tmp, path)
-            for r in range(dist.world):
-                os.remove(part(r))
-        processes.barrier()
+            _join(path, stem, dataset, dist.world, row_shape, {**key, "data": dataset.root})
+        else:
+            _wait_for(path, stem, "rank 0 to join the parts")
     latents, cached_captions = read_latents(path, key)
     # the latents depend on the images only: captions are always the folder's current ones
     captions = [dataset.caption(i) for i in range(len(dataset))]
     changed = sum(a != b for a, b in zip(captions, cached_captions))
     processes.print0(f"latent cache {path}: {'encoded and written' if written else 'read'}, {len(latents)} latents "
-                  f"{tuple(latents.shape[1:])} of {dataset.size} px images from {dataset.root}"
-                  + (f"; {changed} caption(s) edited since it was made: using the folder's" if changed else ""))
+                  f"{tuple(latents.shape[1:])} of {dataset.size} px images from {dataset.root}, read per micro-batch "
+                  "from a memory map" + (f"; {changed} caption(s) edited since it was made: using the folder's"
+                                          if changed else ""))
     return latents, captions
 
 
-def read_latents(path: str, key: dict):
-    """(latents, captions) from a cache written by encode_latents, if its header matches `key`."""
+def _join(path: str, stem: str, dataset: CaptionFolder, world: int, row_shape: tuple, metadata: dict) -> None:
+    """Rank 0: wait for every rank's part, then write the cache: the header, the parts' bytes in rank order (the
+    blocks are contiguous, so this is the folder's order), the captions; fsync, rename. The parts are removed."""
+    parts = [f"{stem}.part{r}" for r in range(world)]
+    for r in range(1, world):
+        _wait_for(parts[r], stem, f"rank {r}'s part")
+    n, row_bytes = len(dataset), 2 * math.prod(row_shape)  # float16: 2 bytes per value
+    for r, block in enumerate(_blocks(n, world)):
+        if (size := os.path.getsize(parts[r])) != len(block) * row_bytes:
+            raise ValueError(f"latent cache: rank {r}'s part {parts[r]} holds {size} bytes, "
+                             f"{len(block)} latents {row_shape} take {len(block) * row_bytes}")
+    captions = _pack([dataset.caption(i) for i in range(n)])
+    head = _safetensors_header({"latents": ("F16", (n, *row_shape), n * row_bytes),
+                                "captions": ("U8", (len(captions),), len(captions))}, metadata)
     try:
-        with safe_open(path, "pt") as f:
+        with open(f"{stem}.join", "wb") as f:
+            f.write(head)
+            for p in parts:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, f, 2**24)  # 16 MB at a time
+            f.write(captions.numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the cache
+        os.replace(f"{stem}.join", path)
+    finally:
+        _remove(f"{stem}.join")
+    _remove(*parts)
+
+
+def read_latents(path: str, key: dict):
+    """(latents, captions) from a cache written by encode_latents, if its header matches `key`.
+
+    latents is a (N, C, h, w) float16 tensor over a private memory map of the file (torch.from_file, shared=False):
+    nothing is read until indexed, and `latents[idx]` reads just those rows from disk or the page cache (shared by
+    every process of a machine, given back under memory pressure); no process holds the N latents in its own memory.
+    A write into it would stay in this process, never reach the file. One tensor rather than a reader object: it
+    indexes, compares and reports its shape like the in-memory tensor before it."""
+    try:
+        with safe_open(path, "pt") as f:  # checks the header and that the file holds all of the data it names
             meta = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
+            names = set(f.keys())
+            captions = _unpack(f.get_tensor("captions")) if "captions" in names else None
+        with open(path, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")  # where the data begins
+            header = json.loads(f.read(start - 8))
+    except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"corrupt latent cache {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if "vae" not in meta or not {"latents", "captions"} <= tensors.keys():
+    if "vae" not in meta or not {"latents", "captions"} <= names:
         raise ValueError(f"{path} is not a latent cache (no VAE fingerprint or latents in it)")
     if meta["vae"] != key["vae"]:
         raise ValueError(f"latent cache {path} was made with another VAE (fingerprint {meta['vae']}, this teacher's "
@@ -378,7 +481,13 @@ def read_latents(path: str, key: dict):
         raise ValueError(f"latent cache {path} was made from other image files than {meta.get('data', 'the folder')} holds "
                          "now (images added, renamed, replaced or edited, or a cache of another folder): delete it to "
                          "encode again, or pass another --latent-cache path")
-    return tensors["latents"], _unpack(tensors["captions"])
+    entry = header["latents"]
+    begin, end = (start + o for o in entry["data_offsets"])
+    if entry["dtype"] != "F16" or begin % 2:
+        raise ValueError(f"corrupt latent cache {path}: latents are {entry['dtype']} at byte {begin}, not float16 "
+                         "at an even offset")
+    whole = torch.from_file(path, shared=False, size=os.path.getsize(path), dtype=torch.uint8)  # mapped, not read
+    return whole[begin:end].view(torch.float16).view(entry["shape"]), captions
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,7 +495,8 @@ def read_latents(path: str, key: dict):
 # --------------------------------------------------------------------------------------------------
 class Source:
     """Index → (images in [−1, 1] or None, prompts). Prompts are a LongTensor of labels (toy), a list of
-    strings (captions) or None (unconditional). After use_latents, images are pre-encoded latents (`encoded`).
+    strings (captions) or None (unconditional). After use_latents, images are pre-encoded latents (`encoded`), read
+    from a memory map of the cache, only the rows asked for (read_latents).
     A caption folder's images are decoded once and then served from memory (CaptionFolder.images; in_memory=False:
     from disk at every access)."""
 

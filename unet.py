@@ -341,6 +341,25 @@ def _per_level(value, n: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# Gradient checkpointing (UNet.gradient_checkpointing): "block" recomputes each down / mid / up block in the
+# backward pass, "layer" each ResnetBlock2D, BasicTransformerBlock and AttnBlock on its own (as diffusers does).
+# Either way a checkpointed piece keeps only its inputs from the forward; the backward of that piece recomputes
+# its activations first, so the peak adds the largest piece's activations: smaller pieces, lower peak, at the cost
+# of holding every layer's input (docs/grad_ckpt.md, measured).
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINTING = ("off", "block", "layer")
+
+
+def run_layer(layer: nn.Module, *args):
+    """layer(*args); under per-layer checkpointing (layer.checkpointed, set by UNet.gradient_checkpointing = "layer")
+    while training, its activations are dropped after the forward and recomputed in the backward."""
+    if getattr(layer, "checkpointed", False) and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
+# ---------------------------------------------------------------------------------------------
 # Timestep embedding
 # ---------------------------------------------------------------------------------------------
 
@@ -564,7 +583,7 @@ class Transformer2DModel(nn.Module):
             h = self.proj_in(h)
             h = h.permute(0, 2, 3, 1).reshape(B, H * W, h.shape[1])  # (B, H*W, inner)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = run_layer(block, h, context)
         if self.use_linear_projection:
             h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
         else:
@@ -593,9 +612,9 @@ class DownBlock(nn.Module):
     def forward(self, h, temb, context):
         skips = []
         for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
+            h = run_layer(resnet, h, temb)
             if self.attentions is not None:
-                h = self.attentions[i](h, context)
+                h = run_layer(self.attentions[i], h, context)
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)
@@ -612,11 +631,11 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
 
     def forward(self, h, temb, context):
-        h = self.resnets[0](h, temb)
+        h = run_layer(self.resnets[0], h, temb)
         for i, resnet in enumerate(self.resnets[1:]):
             if self.attentions is not None:
-                h = self.attentions[i](h, context)
-            h = resnet(h, temb)
+                h = run_layer(self.attentions[i], h, context)
+            h = run_layer(resnet, h, temb)
         return h
 
 
@@ -633,9 +652,9 @@ class UpBlock(nn.Module):
     def forward(self, h, skips, temb, context, size=None):
         # skips are read, never popped: under gradient checkpointing this runs twice on the same tuple.
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
-            h = resnet(torch.cat([h, skip], dim=1), temb)  # most recent skip first
+            h = run_layer(resnet, torch.cat([h, skip], dim=1), temb)  # most recent skip first
             if self.attentions is not None:
-                h = self.attentions[i](h, context)
+                h = run_layer(self.attentions[i], h, context)
         if self.upsamplers is not None:
             h = self.upsamplers[0](h, size)
         return h
@@ -650,8 +669,9 @@ class UNet(nn.Module):
     """eps_hat = UNet(x_t, t, cond): the denoiser of DESIGN.md, in either diffusers layout.
 
     `config` is a diffusers-style dict (a config.json); `self.config` is the resolved, JSON-serialisable
-    version with every field. Set `gradient_checkpointing = True` to recompute block activations in the
-    backward pass while training (less memory, ~30% more compute).
+    version with every field. Set `gradient_checkpointing` to "block" (or True) to recompute each block's
+    activations in the backward pass while training, "layer" to recompute each ResNet / transformer layer on its
+    own (less memory at the peak, the same ~30% more compute), "off" (or False) for neither.
     """
 
     def __init__(self, config: dict):
@@ -659,7 +679,6 @@ class UNet(nn.Module):
         cfg = resolve_config(config)
         self.config = cfg
         self.is_conditional = cfg["_class_name"] == "UNet2DConditionModel"
-        self.gradient_checkpointing = False
         ch = cfg["block_out_channels"]
         n = len(ch)
         groups, eps, dropout = cfg["norm_num_groups"], cfg["norm_eps"], cfg["dropout"]
@@ -741,12 +760,29 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], k_out, padding=(k_out - 1) // 2)
+        self.gradient_checkpointing = "off"  # after the layers exist: the setter marks them
+
+    @property
+    def gradient_checkpointing(self) -> str:
+        return self._checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, mode) -> None:
+        """ "off" | "block" | "layer"; False and True mean "off" and "block" (the flag RunConfig.grad_ckpt sets)."""
+        if isinstance(mode, bool):
+            mode = "block" if mode else "off"
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"gradient_checkpointing must be one of {list(CHECKPOINTING)} (or a bool), got {mode!r}")
+        self._checkpointing = mode
+        for m in self.modules():  # run_layer reads the mark
+            if isinstance(m, (ResnetBlock2D, BasicTransformerBlock, AttnBlock)):
+                m.checkpointed = mode == "layer"
 
     # -- forward ------------------------------------------------------------------------------
 
     def _block(self, block, *args):
-        """Run a block, under activation checkpointing when asked for and useful (training)."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        """Run a block, under per-block activation checkpointing when asked for and useful (training)."""
+        if self._checkpointing == "block" and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 

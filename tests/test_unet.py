@@ -1,6 +1,7 @@
 """unet.py against diffusers: tiny random diffusers models, saved with save_pretrained, must give the
 same eps_hat through UNet.from_pretrained (and back); loading errors are one clear line; encode,
-gradient checkpointing and the full-size parameter counts."""
+gradient checkpointing (per block and per layer: the same numbers; grad_ckpt.py's memory measurements) and the
+full-size parameter counts."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import grad_ckpt
 import unet as unet_module
 from unet import CONFIGS, UNet, count_params
 
@@ -208,7 +210,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 def test_unsupported_config_values_are_named():
     base = dict(CONFIGS["toy"])
-    for key, value in [("class_embed_type", "timestep"), ("addition_embed_type", "text_time"),
+    for key, value in [("class_embed_type", "timestep"), ("addition_embed_type", "text"),
                        ("time_cond_proj_dim", 256), ("encoder_hid_dim", 32), ("num_attention_heads", 4),
                        ("only_cross_attention", True), ("down_block_types", ["DownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D"])]:
         _one_line_error(ValueError, lambda: UNet(dict(base, **{key: value})), key)
@@ -240,9 +242,19 @@ def test_encode_features_and_shapes():
     assert [tuple(f.shape) for f in feats] == [(2, 16, 8, 8), (2, 16, 4, 4), (2, 32, 4, 4), (2, 32, 4, 4)]
 
 
-def test_gradient_checkpointing_same_output_and_grads(monkeypatch):
+# checkpointed pieces of one forward: "block": every down, mid and up block; "layer": every ResnetBlock2D (down 3 x 1,
+# mid 2, up 3 x 2 in the toy; 2 x 1, 2, 2 x 2 in ddpm_like) and BasicTransformerBlock / AttnBlock (toy: 1 + 1 + 2;
+# ddpm_like: 1 down, the mid one, 2 up)
+CHECKPOINT_CALLS = {("toy", "block"): 3 + 1 + 3, ("toy", "layer"): 11 + 4,
+                    ("ddpm_like", "block"): 2 + 1 + 2, ("ddpm_like", "layer"): 8 + 4}
+
+
+@pytest.mark.parametrize("name", ["toy", "ddpm_like"])
+@pytest.mark.parametrize("mode", ["block", True, "layer"])
+def test_gradient_checkpointing_same_output_and_grads(monkeypatch, name, mode):
     torch.manual_seed(0)
-    model = _perturb(UNet.from_config_name("toy")).train()
+    cfg = dict(CONFIGS["toy"]) if name == "toy" else dict(UNCOND[name], _class_name="UNet2DModel")
+    model = _perturb(UNet(cfg)).train()
     x, cond, t = torch.randn(2, 3, 16, 16), torch.randn(2, 1, 64), torch.tensor([10, 900])
 
     def run():
@@ -251,16 +263,63 @@ def test_gradient_checkpointing_same_output_and_grads(monkeypatch):
         out.square().mean().backward()
         return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
+    assert model.gradient_checkpointing == "off"
     out_plain, grads_plain = run()
     calls = []
     real = unet_module.checkpoint
-    monkeypatch.setattr(unet_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model.gradient_checkpointing = True
+    monkeypatch.setattr(unet_module, "checkpoint", lambda fn, *a, **k: calls.append(type(fn).__name__) or real(fn, *a, **k))
+    model.gradient_checkpointing = mode
     out_ckpt, grads_ckpt = run()
-    assert len(calls) == 3 + 1 + 3  # every down, mid and up block
+    mode = "block" if mode is True else mode  # True: the per-block behaviour RunConfig.grad_ckpt asks for
+    assert model.gradient_checkpointing == mode
+    assert len(calls) == CHECKPOINT_CALLS[name, mode], calls
+    pieces = {"DownBlock", "MidBlock", "UpBlock"} if mode == "block" else {"ResnetBlock2D", "BasicTransformerBlock"
+                                                                          if name == "toy" else "AttnBlock"}
+    assert set(calls) == pieces
     assert torch.allclose(out_plain, out_ckpt, atol=1e-6)
     for k in grads_plain:
         assert torch.allclose(grads_plain[k], grads_ckpt[k], atol=1e-6, rtol=1e-5), k
+    with torch.no_grad():  # nothing to recompute without a backward: no checkpoint
+        model(x, t, cond)
+    model.eval()(x, t, cond)  # nor in eval mode
+    assert len(calls) == CHECKPOINT_CALLS[name, mode]
+    _one_line_error(ValueError, lambda: setattr(model, "gradient_checkpointing", "layers"), "block", "layer")
+
+
+def test_checkpointing_memory_per_layer_below_per_block_below_none():
+    """grad_ckpt.py's measurements on the toy, on CPU (real tensors) and on meta: the same bytes. Per block holds the
+    least for the backward but rebuilds a whole block at once; per layer holds every layer's input and rebuilds one
+    layer: its peak, measured op by op over forward + backward, is the lowest. held + rebuilt predicts that peak."""
+    torch.manual_seed(0)
+    model = UNet.from_config_name("toy").train()
+    with torch.device("meta"):
+        meta = UNet.from_config_name("toy").train()
+    x, cond, t = torch.randn(2, 3, 16, 16), torch.randn(2, 1, 64), torch.tensor([10, 900])
+    got = {}
+    for mode in ("off", "block", "layer"):
+        model.gradient_checkpointing = meta.gradient_checkpointing = mode
+        got[mode] = dict(grad_ckpt.activation_bytes(model, x, t, cond), measured=grad_ckpt.peak_bytes(model, x, t, cond))
+        inputs = [v.to("meta") for v in (x, t, cond)]
+        assert dict(grad_ckpt.activation_bytes(meta, *inputs), measured=grad_ckpt.peak_bytes(meta, *inputs)) == got[mode]
+        assert got[mode]["peak"] <= got[mode]["measured"] < 1.1 * got[mode]["peak"], (mode, got[mode])
+    assert got["off"]["rebuilt"] == 0
+    assert got["layer"]["measured"] < got["block"]["measured"] < got["off"]["measured"] / 2
+    assert got["block"]["held"] < got["layer"]["held"] < got["off"]["held"]
+    assert got["layer"]["rebuilt"] < got["block"]["rebuilt"]
+
+
+def test_meta_attention_saves_what_the_cpu_kernel_saves():
+    """On meta SDPA would take its math kernel (saving the L x L attention matrix); grad_ckpt.py swaps in the CPU flash
+    kernel there: the same output and the same saved tensors as F.scaled_dot_product_attention on CPU."""
+    q, k, v = (torch.randn(2, 4, 64, 8, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3))
+    saved = {}
+    for name, fn in (("sdpa", torch.nn.functional.scaled_dot_product_attention), ("ours", grad_ckpt._sdpa_as_on_cpu)):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: shapes.append(tuple(x.shape)) or x, lambda x: x):
+            out = fn(q, k, v)
+        saved[name] = (out.detach(), sorted(shapes))
+    torch.testing.assert_close(saved["ours"][0], saved["sdpa"][0])
+    assert saved["ours"][1] == saved["sdpa"][1] and (2, 4, 64, 64) not in saved["ours"][1]
 
 
 @pytest.mark.parametrize("name,low,high", [("ddpm_cifar10", 35.7e6, 35.8e6), ("sd15", 855e6, 865e6)])

@@ -17,7 +17,9 @@ Losses (per sample, the loop reduces):
   D:  L_D = max(0, 1 − D(x_real)) + max(0, 1 + D(x_fake))         hinge
   G:  L_G = −D(x_fake)
   R1: ‖∇_x D(x_real)‖²   optional, on real inputs
-"""
+The heads' last projection and every loss run in fp32 even under bf16 autocast (`fp32_region`): bf16 keeps 8
+significant bits, so a logit near the hinge's ±1 margin would be rounded to steps of 1/128, and so would the loss.
+The networks before them stay in bf16 (where the memory and the time go)."""
 import copy
 import math
 from contextlib import nullcontext
@@ -27,24 +29,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from unet import unpack_sdxl_cond
+
 
 # --------------------------------------------------------------------------------------------------
-# losses
+# losses, in fp32
 # --------------------------------------------------------------------------------------------------
+def fp32_region(x: torch.Tensor):
+    """autocast off on x's device: what runs inside, on .float() inputs, runs in fp32 (the top of this file)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    # hinge: push real logits above +1 and fake logits below −1; (B,)
-    return F.relu(1.0 - logits_real) + F.relu(1.0 + logits_fake)
+    # hinge: push real logits above +1 and fake logits below −1; (B,), fp32
+    with fp32_region(logits_real):
+        return F.relu(1.0 - logits_real.float()) + F.relu(1.0 + logits_fake.float())
 
 
 def g_hinge_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    # the generator raises the discriminator's score of its samples; (B,)
-    return -logits_fake
+    # the generator raises the discriminator's score of its samples; (B,), fp32
+    with fp32_region(logits_fake):
+        return -logits_fake.float()
 
 
 def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
-    """‖∇_x D(x)‖² per sample on real inputs (x_real must require grad); (B,)."""
+    """‖∇_x D(x)‖² per sample on real inputs (x_real must require grad); (B,), fp32."""
     (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
-    return grad.pow(2).flatten(1).sum(1)
+    with fp32_region(grad):
+        return grad.float().pow(2).flatten(1).sum(1)
 
 
 def make_discriminator(kind: str, teacher_unet: nn.Module, encoder, vit: str, grad_ckpt: bool, device):
@@ -54,8 +66,9 @@ def make_discriminator(kind: str, teacher_unet: nn.Module, encoder, vit: str, gr
         disc = UNetDiscriminator(teacher_unet).float().to(device)
         disc.encoder.gradient_checkpointing = grad_ckpt
         return disc
-    if kind == "projected":
-        return ProjectedDiscriminator.from_pretrained(vit, cond_dim=encoder.dim if encoder is not None else None).to(device)
+    if kind == "projected":  # an SDXL-layout teacher's cond carries an extras row, which the heads must not average
+        return ProjectedDiscriminator.from_pretrained(vit, cond_dim=encoder.dim if encoder is not None else None,
+                                                      pooled_dim=getattr(teacher_unet, "pooled_dim", None)).to(device)
     return None
 
 
@@ -101,7 +114,8 @@ def noise_pair(schedule, x_real: torch.Tensor, x_fake: torch.Tensor, s: torch.Te
 # U-Net-encoder discriminator (built from the teacher)
 # --------------------------------------------------------------------------------------------------
 class ConvHead(nn.Module):
-    """A feature map (B, C, h, w) → one logit per sample: conv 3×3, SiLU, conv 1×1, spatial mean."""
+    """A feature map (B, C, h, w) → one logit per sample: conv 3×3, SiLU, conv 1×1, spatial mean (the last two in
+    fp32)."""
 
     def __init__(self, channels: int, hidden: int = 64):
         super().__init__()
@@ -110,7 +124,10 @@ class ConvHead(nn.Module):
                                  nn.SiLU(), nn.Conv2d(hidden, 1, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h).mean((1, 2, 3))  # (B,)
+        h = self.net[:-1](h)  # (B, hidden, h, w): bf16 under autocast
+        # the last projection and the spatial mean in fp32 (autocast off, fp32 input; the weights are fp32 masters)
+        with fp32_region(h):
+            return self.net[-1](h.float()).mean((1, 2, 3))  # (B,), fp32
 
 
 class UNetDiscriminator(nn.Module):
@@ -149,24 +166,31 @@ class TokenHead(nn.Module):
         self.hidden = hidden
 
     def forward(self, tokens: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        h = self.out(self.net(tokens.transpose(1, 2)))  # (B, hidden or 1, N)
-        if self.cond_proj is None:
-            return h.mean((1, 2))
-        cmap = self.cond_proj(c)  # (B, hidden)
-        return ((h * cmap[:, :, None]).sum(1) / math.sqrt(self.hidden)).mean(1)  # (B,)
+        h = self.net(tokens.transpose(1, 2))  # (B, hidden, N): bf16 under autocast
+        # the last projection, the condition's projection, their product and the means in fp32 (autocast off, fp32
+        # inputs; the weights are fp32 masters)
+        with fp32_region(h):
+            h = self.out(h.float())  # (B, hidden or 1, N)
+            if self.cond_proj is None:
+                return h.mean((1, 2))
+            cmap = self.cond_proj(c.float())  # (B, hidden)
+            return ((h * cmap[:, :, None]).sum(1) / math.sqrt(self.hidden)).mean(1)  # (B,), fp32
 
 
 class ProjectedDiscriminator(nn.Module):
     """Trainable TokenHeads on hidden layers `layers` of a frozen transformers ViT (e.g. DINOv2).
 
     Input: images in [−1, 1], any size: resized to the ViT's image size and ImageNet-normalised.
-    The condition (B, L, D) is mean-pooled over tokens and projected into every head."""
+    The condition (B, L, D) is mean-pooled over tokens and projected into every head. pooled_dim (an SDXL-layout
+    teacher's UNet.pooled_dim): cond is (B, L + 1, D) with the packed extras row last (unet.py's header); only the L
+    token rows are averaged, as the extras row's 6 time ids (~1024 px each) would outweigh every token."""
 
     noised = False  # disc_logits / disc_loss show it (decoded) clean images
 
     def __init__(self, vit: nn.Module, layers: tuple[int, ...] | None = None, cond_dim: int | None = None,
-                 image_size: int | None = None, hidden: int = 64):
+                 image_size: int | None = None, hidden: int = 64, pooled_dim: int | None = None):
         super().__init__()
+        self.pooled_dim = pooled_dim
         self.vit = vit.eval().requires_grad_(False)  # frozen features; gradients still flow to the input
         n_layers, width = vit.config.num_hidden_layers, vit.config.hidden_size
         self.layers = tuple(layers) if layers else tuple(sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75, 1.0)}))
@@ -194,5 +218,8 @@ class ProjectedDiscriminator(nn.Module):
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std
         hidden = self.vit(pixel_values=x, output_hidden_states=True).hidden_states  # embeddings, layer 1, …
-        c = cond.mean(1) if cond is not None else None  # (B, D)
+        c = None
+        if cond is not None:
+            tokens = cond if self.pooled_dim is None else unpack_sdxl_cond(cond, self.pooled_dim)[0]  # (B, L, D)
+            c = tokens.mean(1)  # (B, D)
         return sum(head(hidden[i], c) for head, i in zip(self.heads, self.layers))  # (B,)

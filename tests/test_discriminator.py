@@ -1,16 +1,23 @@
 """discriminator.py: the hinge and R1 losses against per-sample references, the U-Net discriminator built from
-the tiny teacher, the projected discriminator on a tiny random DINOv2 (nothing downloaded), and a short
-distillation run with each."""
+the tiny teacher, the projected discriminator on a tiny random DINOv2 (nothing downloaded), logits and losses in fp32
+under bf16 autocast, both discriminators on an SDXL-layout teacher (the packed extras row), and a short distillation
+run with each."""
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
 
 import distill
 import processes
-from discriminator import (ProjectedDiscriminator, TokenHead, UNetDiscriminator, d_hinge_loss, g_hinge_loss,
-                           r1_penalty)
+from conditioning import pack_sdxl_cond
+from discriminator import (ProjectedDiscriminator, TokenHead, UNetDiscriminator, d_hinge_loss, disc_loss,
+                           g_hinge_loss, make_discriminator, r1_penalty)
 from pipeline import load_pipeline
-from toyteacher import gen, make_dinov2, snapshot, tiny_args, tiny_encoder
+from schedule import VPSchedule
+from toyteacher import TINY, gen, make_dinov2, snapshot, tiny_args, tiny_encoder
+from unet import UNet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,6 +142,80 @@ def test_projected_from_pretrained_folder(vit_folder):
     disc = ProjectedDiscriminator.from_pretrained(vit_folder, cond_dim=16)
     assert disc.image_size == 16 and all(not p.requires_grad for p in disc.vit.parameters())
     assert disc(torch.zeros(2, 3, 8, 8), None, cond_for([0, 1])).shape == (2,)
+
+
+# --------------------------------------------------------------------------------------------------
+# logits and losses in fp32 under bf16 autocast
+# --------------------------------------------------------------------------------------------------
+def test_logits_and_losses_are_fp32_under_bf16_autocast(teacher):
+    torch.manual_seed(0)
+    unet_disc = UNetDiscriminator(load_pipeline(teacher).unet)
+    projected = ProjectedDiscriminator(tiny_vit(), cond_dim=16)
+    x, s, cond = torch.randn(2, 3, 8, 8, generator=gen(0)), torch.tensor([10, 500]), cond_for([0, 3])
+    schedule = VPSchedule("scaled_linear")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unet_disc.encoder.encode(x, s, cond)[-1].dtype == torch.bfloat16  # the networks do run in bf16
+        for disc in (unet_disc, projected):
+            logits = disc(x, s, cond)
+            assert logits.dtype == torch.float32, type(disc).__name__
+            terms = disc_loss(disc, schedule, x, x.flip(0), s, torch.randn_like(x), torch.randn_like(x), cond, r1=0.1)
+            assert {k: v.dtype for k, v in terms.items()} == {"d": torch.float32, "r1": torch.float32}
+        low = torch.tensor([0.3, -1.2], dtype=torch.bfloat16)  # even from bf16 logits, the losses come out fp32
+        assert d_hinge_loss(low, low).dtype == g_hinge_loss(low).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# an SDXL-layout teacher: cond (B, L + 1, D), the extras row (pooled embedding + 6 time ids) last
+# --------------------------------------------------------------------------------------------------
+POOLED, TIME_DIM = 8, 4  # pooled 8 + 6 time ids of 4 = add_embedding's 32 inputs; the row: 8 + 6 ≤ D = 16
+TINY_SDXL = dict(TINY, transformer_layers_per_block=[1, 2], use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM)
+
+
+def sdxl_cond(labels, size=1024.0, pooled_seed=0):
+    tokens = cond_for(labels)  # (B, 1, 16)
+    pooled = torch.randn(len(labels), POOLED, generator=gen(pooled_seed))
+    time_ids = torch.tensor([size, size, 0.0, 0.0, size, size]).expand(len(labels), 6)
+    return tokens, pack_sdxl_cond(tokens, pooled, time_ids)  # (B, 2, 16)
+
+
+def test_projected_discriminator_averages_only_the_token_rows_of_sdxl_cond(vit_folder):
+    torch.manual_seed(0)
+    teacher = UNet(TINY_SDXL)
+    disc = make_discriminator("projected", teacher, SimpleNamespace(dim=16), vit_folder, False, "cpu")
+    assert disc.pooled_dim == teacher.pooled_dim == POOLED
+    plain = copy.deepcopy(disc)
+    plain.pooled_dim = None  # the same heads, reading cond as all tokens (as before: the extras row averaged in)
+    x = torch.rand(3, 3, 8, 8, generator=gen(0)) * 2 - 1
+    tokens, cond = sdxl_cond([0, 5, 9])
+    with torch.no_grad():
+        logits = disc(x, None, cond)
+        torch.testing.assert_close(logits, plain(x, None, tokens))  # = the token rows alone
+        torch.testing.assert_close(disc(x, None, sdxl_cond([0, 5, 9], size=512.0, pooled_seed=1)[1]), logits)
+        assert (plain(x, None, cond) - logits).abs().min() > 1e-3  # the extras row would have moved every logit
+        assert (disc(x, None, sdxl_cond([1, 6, 10])[1]) - logits).abs().min() > 1e-6  # still conditioned on the text
+    toy = make_discriminator("projected", UNet(TINY), SimpleNamespace(dim=16), vit_folder, False, "cpu")
+    assert toy.pooled_dim is None  # a teacher without the extras row: every row is a token
+
+
+def test_unet_discriminator_on_an_sdxl_teacher_reads_the_extras_row():
+    torch.manual_seed(0)
+    teacher = UNet(TINY_SDXL).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():  # random init leaves some layers at zero: perturb everything
+            p.add_(0.05 * torch.randn(p.shape, generator=gen(1)))
+    disc = make_discriminator("unet", teacher, None, "", True, "cpu")
+    assert disc.encoder.gradient_checkpointing == "block" and disc.encoder.pooled_dim == POOLED
+    x, s = torch.randn(2, 3, 8, 8, generator=gen(0)), torch.tensor([10, 500])
+    _, cond = sdxl_cond([0, 3])
+    for a, b in zip(disc.encoder.encode(x, s, cond), teacher.encode(x, s, cond)):  # the teacher's added embedding
+        torch.testing.assert_close(a, b)
+    logits = disc(x, s, cond)
+    with torch.no_grad():
+        assert (disc(x, s, sdxl_cond([0, 3], size=512.0)[1]) - logits).abs().min() > 1e-6  # the time ids reach D
+        assert (disc(x, s, sdxl_cond([0, 3], pooled_seed=1)[1]) - logits).abs().min() > 1e-6  # and the pooled text
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.encoder.add_embedding.parameters())
 
 
 # --------------------------------------------------------------------------------------------------

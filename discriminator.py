@@ -19,7 +19,8 @@ Losses (per sample, the loop reduces):
   R1: ‖∇_x D(x_real)‖²   optional, on real inputs
 The heads' last projection and every loss run in fp32 even under bf16 autocast (`fp32_region`): bf16 keeps 8
 significant bits, so a logit near the hinge's ±1 margin would be rounded to steps of 1/128, and so would the loss.
-The networks before them stay in bf16 (where the memory and the time go)."""
+The networks before them stay in bf16 (where the memory and the time go).
+"""
 import copy
 import math
 from contextlib import nullcontext

@@ -454,8 +454,10 @@ def read_latents(path: str, key: dict):
     latents is a (N, C, h, w) float16 tensor over a private memory map of the file (torch.from_file, shared=False):
     nothing is read until indexed, and `latents[idx]` reads just those rows from disk or the page cache (shared by
     every process of a machine, given back under memory pressure); no process holds the N latents in its own memory.
-    A write into it would stay in this process, never reach the file. One tensor rather than a reader object: it
-    indexes, compares and reports its shape like the in-memory tensor before it."""
+    A write into it would stay in this process, never reach the file. Mapped here rather than left to load_file, whose
+    backend is the library's choice (safetensors 0.8.0 maps, backend="pread" reads the whole file into memory); one
+    tensor rather than safe_open's get_slice per row: one gather per micro-batch, and it indexes, compares and
+    reports its shape as a loaded tensor does."""
     try:
         with safe_open(path, "pt") as f:  # checks the header and that the file holds all of the data it names
             meta = f.metadata() or {}

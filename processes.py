@@ -8,6 +8,7 @@ One training script at every scale: the processes of a run (shared by train.py a
   batch_plan          the user sets the global batch; accumulation is derived: global = micro × accum × world
   unwrap, update_ema  the network inside a DDP/compile wrapper; the exponential moving average of its weights
   rank_generator      every random draw of a run keyed on (seed, step, …): exact resume, any number of processes
+  Noise               an iteration's noise row by row on the rank's device: each rank draws only its own rows
 """
 import os
 from contextlib import nullcontext
@@ -151,6 +152,29 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     # θ_ema ← decay · θ_ema + (1 − decay) · θ
     for p_ema, p in zip(ema.parameters(), unwrap(model).parameters()):
         p_ema.lerp_(p.detach(), 1.0 - decay)
+
+
+class Noise:
+    """Standard normal noise for the rows `rows` of an iteration's GLOBAL batch, drawn on `device` where it is used.
+    Row i of the k-th draw (the k-th call) comes from its own generator, keyed on (seed, step, k, i) alone, so
+      - a rank draws only its own rows: 1/world of the global batch's noise, on its GPU (no host work per step),
+      - any split of the batch over processes and micro-batches sees the same numbers (2 × b = 1 × 2b exactly),
+      - a resumed run draws what the uninterrupted run would have drawn at that step.
+    noise = Noise(seed, step, slice(8, 12), device); x_T = noise(4, 64, 64)  → (4, 4, 64, 64), rows 8 … 11."""
+
+    def __init__(self, seed: int, step: int, rows: slice, device="cpu"):
+        self.seed, self.step, self.device, self.draws = seed, step, device, 0
+        self.rows = range(rows.start or 0, rows.stop)
+
+    def __call__(self, *shape: int) -> torch.Tensor:
+        import hashlib
+        self.draws += 1
+        out = torch.empty(len(self.rows), *shape, device=self.device)
+        for j, i in enumerate(self.rows):
+            key = hashlib.blake2b(f"{self.seed},{self.step},{self.draws},{i}".encode(), digest_size=8).digest()
+            g = torch.Generator(device=self.device).manual_seed(int.from_bytes(key, "little") >> 1)
+            torch.randn(shape, generator=g, device=self.device, out=out[j])
+        return out
 
 
 def rank_generator(seed: int, step: int, rank: int = 0, stream: int = 0, device="cpu") -> torch.Generator:

@@ -173,6 +173,7 @@ def run(cfg: TrainConfig, preset: str, dist: processes.Dist) -> None:
     overrides = {"sample_size": cfg.image_size} if cfg.image_size else {}
     if encoder is not None:
         overrides["cross_attention_dim"] = encoder.dim
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and so the same EMA; DDP would only sync the model)
     model = build_unet(cfg.unet, **overrides).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if model.is_conditional and encoder is None:
@@ -212,11 +213,11 @@ def run(cfg: TrainConfig, preset: str, dist: processes.Dist) -> None:
     bar = logs.progress_bar(cfg.steps, step, "train teacher", dist)
     wall = runs.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
     while step < cfg.steps:
-        # the global batch's randomness from (seed, step): ranks take slices, resume is exact
+        # the global batch's indices, times and dropped prompts from (seed, step), sliced; its noise row by row on each
+        # rank's device (processes.Noise): 2 ranks × b see what 1 × 2b sees, resume is exact
         g = processes.rank_generator(cfg.seed, step)
         idx = torch.randint(source.n, (cfg.global_batch,), generator=g)
         t_all = torch.randint(0, schedule.T, (cfg.global_batch,), generator=g)
-        eps_all = torch.randn(cfg.global_batch, *source.image_shape, generator=g)
         drop = drop_mask(cfg.global_batch, cfg.cond_drop, g)
         total = 0.0
         for m in range(accum):
@@ -230,8 +231,8 @@ def run(cfg: TrainConfig, preset: str, dist: processes.Dist) -> None:
                 cond, _ = encode_prompts(encoder, prompts, device)
             sync = m == accum - 1 or dist.world == 1
             with (model_ddp.no_sync() if not sync else torch.enable_grad()), processes.autocast(dist, cfg.bf16):
-                loss = diffusion_loss(model_ddp, schedule, images.to(device), t_all[sl].to(device),
-                                      eps_all[sl].to(device), cond).mean()
+                eps = processes.Noise(cfg.seed, step, sl, device)(*source.image_shape)  # this slice's ε, on the device
+                loss = diffusion_loss(model_ddp, schedule, images.to(device), t_all[sl].to(device), eps, cond).mean()
                 (loss / accum).backward()
             total += loss.item() / accum
         opt.step()

@@ -108,20 +108,23 @@ def distill_loss(schedule: VPSchedule, x0_hat: torch.Tensor, target: torch.Tenso
     return distill_weight(schedule, t).to(x0_hat.device) * (x0_hat - target).pow(2).flatten(1).mean(1)
 
 
-def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: int) -> dict:
-    """All the randomness of one iteration for the GLOBAL batch, from a generator of (seed, step) alone; each rank
-    and micro-batch takes its slice (resume is exact; 2 processes × b see what 1 process × 2b sees). The student's
-    timestep s is drawn apart (draw_timestep: the same on every rank)."""
-    g = processes.rank_generator(cfg.seed, step)
-    n = cfg.global_batch
+def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: int, rows: slice | None = None,
+                   device="cpu") -> dict:
+    """All the randomness of one iteration, for the rows `rows` of the GLOBAL batch (default: all): indices and times
+    for the whole batch from a generator of (seed, step) alone, sliced; the noise row by row on `device`
+    (processes.Noise). Resume is exact; 2 processes × b see what 1 process × 2b sees. The student's timestep s is
+    drawn apart (draw_timestep: the same on every rank)."""
+    g, n = processes.rank_generator(cfg.seed, step), cfg.global_batch
+    rows = rows or slice(0, n)
+    noise = processes.Noise(cfg.seed, step, rows, device)
     return {
-        "idx": torch.randint(n_data, (n,), generator=g),  # the real images (and their conditions)
-        "eps": torch.randn(n, *latent_shape, generator=g),  # ε of the student's input x_s (the pure noise at 999)
-        "t": torch.randint(0, T, (n,), generator=g),  # the distillation time t ~ U{0 … T−1}, per sample
-        "eps_prime": torch.randn(n, *latent_shape, generator=g),  # ε' of the re-noising x̂_θ,t
-        "s_disc": torch.randint(0, max(cfg.disc_t_max, 1), (n,), generator=g),  # the U-Net discriminator's noise level
-        "eps_real": torch.randn(n, *latent_shape, generator=g),
-        "eps_fake": torch.randn(n, *latent_shape, generator=g),
+        "idx": torch.randint(n_data, (n,), generator=g)[rows].to(device),  # the real images (and their conditions)
+        "eps": noise(*latent_shape),  # ε of the student's input x_s (the pure noise at 999)
+        "t": torch.randint(0, T, (n,), generator=g)[rows].to(device),  # the distillation time t ~ U{0 … T−1}
+        "eps_prime": noise(*latent_shape),  # ε' of the re-noising x̂_θ,t
+        "s_disc": torch.randint(0, max(cfg.disc_t_max, 1), (n,), generator=g)[rows].to(device),  # U-Net disc's noise
+        "eps_real": noise(*latent_shape),
+        "eps_fake": noise(*latent_shape),
     }
 
 
@@ -185,14 +188,13 @@ class ADD(Distiller):
     def train_step(self) -> dict:
         cfg, step, sch = self.cfg, self.step, self.schedule
         s = draw_timestep(cfg.timesteps, cfg.seed, step)  # step 1: the student's timestep, same on every rank
-        draws = draw_iteration(cfg, step, self.source.n, self.latent_shape, sch.T)
         logs, fakes = {}, []
 
         # ---- student (generator) step: D frozen -----------------------------------------------------
         if self.disc is not None:
             self.set_disc_trainable(False)  # the G step's gradient must not land in D
         for m, sl in self.micro_slices():
-            d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
+            d = draw_iteration(cfg, step, self.source.n, self.latent_shape, sch.T, sl, self.dist.device)
             cond, null_cond, x0_real = self.conditions(d["idx"])
             with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
                 x_s = student_input(sch, x0_real, d["eps"], s)  # step 2: forward-noised real data

@@ -143,24 +143,28 @@ def realism_logits(fake, schedule: VPSchedule, x0_real, x0_fake, s_real, eps_rea
     return both.chunk(2)
 
 
-def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: int) -> dict:
-    """All the randomness of one iteration for the GLOBAL batch from a generator of (seed, step) alone; each rank
-    and micro-batch takes its slice (resume is exact; 2 processes × b see what 1 process × 2b sees). The only
-    other draws: the step index (draw_timestep) and the simulation's fresh noise (simulation_generator)."""
-    g = processes.rank_generator(cfg.seed, step)
-    n = cfg.global_batch
+def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: int, rows: slice | None = None,
+                   device="cpu") -> dict:
+    """All the randomness of one iteration, for the rows `rows` of the GLOBAL batch (default: all): indices and times
+    for the whole batch from a generator of (seed, step) alone, sliced; the noise row by row on `device`
+    (processes.Noise). Resume is exact; 2 processes × b see what 1 process × 2b sees. The only other draws: the step
+    index (draw_timestep) and the simulation's fresh noise (simulation_generator)."""
+    g, n = processes.rank_generator(cfg.seed, step), cfg.global_batch
+    rows = rows or slice(0, n)
+    noise = processes.Noise(cfg.seed, step, rows, device)
+    times = lambda lo, hi: torch.randint(lo, hi, (n,), generator=g)[rows].to(device)  # noqa: E731 (per sample)
     lo, hi = int(DM_T_RANGE[0] * T), int(DM_T_RANGE[1] * T)
     return {
-        "idx": torch.randint(n_data, (n,), generator=g),
-        "x_T": torch.randn(n, *latent_shape, generator=g),  # the generator's starting noise
-        "t_dm": torch.randint(lo, hi + 1, (n,), generator=g),  # the distribution-matching time, per sample
-        "eps_dm": torch.randn(n, *latent_shape, generator=g),
-        "t_fake": torch.randint(0, T, (n,), generator=g),  # the fake score's training time
-        "eps_fake": torch.randn(n, *latent_shape, generator=g),
-        "s_real": torch.randint(0, cfg.gan_t_max, (n,), generator=g),  # the GAN's noise level for real data …
-        "eps_real_gan": torch.randn(n, *latent_shape, generator=g),
-        "s_fake": torch.randint(0, cfg.gan_t_max, (n,), generator=g),  # … and for samples (θ's and φ's step)
-        "eps_fake_gan": torch.randn(n, *latent_shape, generator=g),
+        "idx": times(0, n_data),
+        "x_T": noise(*latent_shape),  # the generator's starting noise
+        "t_dm": times(lo, hi + 1),  # the distribution-matching time, per sample
+        "eps_dm": noise(*latent_shape),
+        "t_fake": times(0, T),  # the fake score's training time
+        "eps_fake": noise(*latent_shape),
+        "s_real": times(0, cfg.gan_t_max),  # the GAN's noise level for real data …
+        "eps_real_gan": noise(*latent_shape),
+        "s_fake": times(0, cfg.gan_t_max),  # … and for samples (θ's and φ's step)
+        "eps_fake_gan": noise(*latent_shape),
     }
 
 
@@ -222,14 +226,13 @@ class DMD2(Distiller):
         cfg, step, sch = self.cfg, self.step, self.schedule
         t = draw_timestep(cfg.timesteps, cfg.seed, step)  # the backward-simulation step, same on every rank
         i = list(cfg.timesteps).index(t)
-        draws = draw_iteration(cfg, step, self.source.n, self.latent_shape, sch.T)
         theta_step = step % cfg.ratio == 0  # two time-scale update rule: θ every `ratio` iterations
         logs, fakes = {}, []
 
         # ---- generator θ: its samples every iteration; its update every `ratio` iterations ---------------
         self.fake.requires_grad_(False)  # θ's step reads φ (and the head) as frozen functions
         for m, sl in self.micro_slices():
-            d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
+            d = draw_iteration(cfg, step, self.source.n, self.latent_shape, sch.T, sl, self.dist.device)
             cond, null_cond, x0_real = self.conditions(d["idx"], need_images=self.gan)
             with processes.autocast(self.dist, cfg.bf16):
                 x_t = backward_simulation(processes.unwrap(self.student_ddp), sch, d["x_T"], cond, cfg.timesteps, i,

@@ -149,21 +149,24 @@ def m_step_loss(cfg: Config, student, teacher, fake, schedule: VPSchedule, z_K, 
     return dm_surrogate(x0, g), x0
 
 
-def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> dict:
-    """All the randomness of one iteration for the GLOBAL batch, from a generator that depends only on
-    (seed, step): each rank and micro-batch takes its slice, so 2 processes × b see exactly what 1 process × 2b
-    sees, and a resumed run continues exactly. The Langevin noises are (B, K, …) so that they slice per sample."""
-    g = processes.rank_generator(cfg.seed, step)
-    n, K = cfg.global_batch, cfg.langevin_steps
+def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, rows: slice | None = None,
+                   device="cpu") -> dict:
+    """All the randomness of one iteration, for the rows `rows` of the GLOBAL batch (default: all): indices and times
+    for the whole batch from a generator of (seed, step) alone, sliced; the noise row by row on `device`
+    (processes.Noise). So 2 processes × b see exactly what 1 process × 2b sees, and a resumed run continues exactly.
+    The Langevin noises are (B, K, …): one row per sample."""
+    g, n, K = processes.rank_generator(cfg.seed, step), cfg.global_batch, cfg.langevin_steps
+    rows = rows or slice(0, n)
+    noise = processes.Noise(cfg.seed, step, rows, device)
     return {
-        "idx": torch.randint(n_data, (n,), generator=g),
-        "z": torch.randn(n, *latent_shape, generator=g),  # the generator's input x_T
-        "eps": torch.randn(n, *latent_shape, generator=g),  # ε of x_t = α_t g_θ(z) + σ_t ε, the E-step's start
-        "t": torch.randint(cfg.t_min, cfg.t_max + 1, (n,), generator=g),
-        "noise_eps": torch.randn(n, K, *latent_shape, generator=g),  # Langevin noise for ε (Eq. E2)
-        "noise_z": torch.randn(n, K, *latent_shape, generator=g),  # … and for z
-        "eps_fake": torch.randn(n, *latent_shape, generator=g),  # φ's ε-loss, at every t (as dmd2)
-        "t_fake": torch.randint(0, 1000, (n,), generator=g),
+        "idx": torch.randint(n_data, (n,), generator=g)[rows].to(device),
+        "z": noise(*latent_shape),  # the generator's input x_T
+        "eps": noise(*latent_shape),  # ε of x_t = α_t g_θ(z) + σ_t ε, the E-step's start
+        "t": torch.randint(cfg.t_min, cfg.t_max + 1, (n,), generator=g)[rows].to(device),
+        "noise_eps": noise(K, *latent_shape),  # Langevin noise for ε (Eq. E2)
+        "noise_z": noise(K, *latent_shape),  # … and for z
+        "eps_fake": noise(*latent_shape),  # φ's ε-loss, at every t (as dmd2)
+        "t_fake": torch.randint(0, 1000, (n,), generator=g)[rows].to(device),
     }
 
 
@@ -218,11 +221,10 @@ class EMD(Distiller):
 
     def train_step(self) -> dict:
         cfg, step, sch = self.cfg, self.step, self.schedule
-        draws = draw_iteration(cfg, step, self.source.n, self.latent_shape)
         student = processes.unwrap(self.student_ddp)
         logs, micro = {}, []
         for m, sl in self.micro_slices():
-            d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
+            d = draw_iteration(cfg, step, self.source.n, self.latent_shape, sl, self.dist.device)
             micro.append((d, *self.conditions(d["idx"], need_images=False)[:2]))
 
         # ---- θ step (every `ratio` iterations): E-step, then M-step ------------------------------------

@@ -168,20 +168,23 @@ def snr_matched_gamma(gamma: tuple, factor: float, schedule: VPSchedule) -> tupl
 # --------------------------------------------------------------------------------------------------
 # data: conditions (always) and real images (for the discriminator and Eq. 6)
 # --------------------------------------------------------------------------------------------------
-def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple) -> dict:
-    """All the randomness of one iteration for the GLOBAL batch, from a generator that depends only on
-    (seed, step). Each rank and micro-batch takes its slice, so 2 processes × b see exactly what
-    1 process × 2b sees, and a resumed run continues exactly."""
-    g = processes.rank_generator(cfg.seed, step)
-    n = cfg.global_batch
+def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, rows: slice | None = None,
+                   device="cpu") -> dict:
+    """All the randomness of one iteration, for the rows `rows` of the GLOBAL batch (default: all of it): indices and
+    times drawn for the whole batch from a generator of (seed, step) alone and sliced, the noise drawn row by row on
+    `device` (processes.Noise). So 2 processes × b see exactly what 1 process × 2b sees, and a resumed run continues
+    exactly."""
+    g, n = processes.rank_generator(cfg.seed, step), cfg.global_batch
+    rows = rows or slice(0, n)
+    noise = processes.Noise(cfg.seed, step, rows, device)
     return {
-        "idx": torch.randint(n_data, (n,), generator=g),
-        "x_T": torch.randn(n, *latent_shape, generator=g),  # the rollout's starting noise
-        "eps": torch.randn(n, *latent_shape, generator=g),  # ε of Eq. 6 (forward noising ablation)
-        "eps_prime": torch.randn(n, *latent_shape, generator=g),  # ε' of Eq. 8 (SRL re-noising)
-        "s": torch.randint(0, max(cfg.disc_t_max, 1), (n,), generator=g),  # diffusion-GAN timestep
-        "eps_real": torch.randn(n, *latent_shape, generator=g),
-        "eps_fake": torch.randn(n, *latent_shape, generator=g),
+        "idx": torch.randint(n_data, (n,), generator=g)[rows].to(device),
+        "x_T": noise(*latent_shape),  # the rollout's starting noise
+        "eps": noise(*latent_shape),  # ε of Eq. 6 (forward noising ablation)
+        "eps_prime": noise(*latent_shape),  # ε' of Eq. 8 (SRL re-noising)
+        "s": torch.randint(0, max(cfg.disc_t_max, 1), (n,), generator=g)[rows].to(device),  # diffusion-GAN timestep
+        "eps_real": noise(*latent_shape),
+        "eps_fake": noise(*latent_shape),
     }
 
 
@@ -273,7 +276,6 @@ class ImagineFlash(Distiller):
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
         t = draw_timestep(cfg.timesteps, cfg.seed, step)  # step 1: same t on every rank
-        draws = draw_iteration(cfg, step, self.source.n, self.latent_shape)
         logs, fakes = {}, []
         decode = self.decode if cfg.disc == "projected" else None
         disc = self.disc if t >= cfg.adv_t_min else None  # deviation switch: no GAN at the low-t steps
@@ -282,7 +284,7 @@ class ImagineFlash(Distiller):
         if disc is not None:
             disc.requires_grad_(False)  # the G step's gradient must not land in D
         for m, sl in self.micro_slices():
-            d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
+            d = draw_iteration(cfg, step, self.source.n, self.latent_shape, sl, self.dist.device)  # this slice only
             # real images only where this iteration reads them: forward noising, or the discriminator's real side
             cond, null_cond, x0_real = self.conditions(d["idx"], need_images=not cfg.backward or disc is not None)
             with processes.autocast(self.dist, cfg.bf16):

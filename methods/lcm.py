@@ -139,15 +139,17 @@ def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float = 0.001
     raise ValueError(f"unknown distance {kind!r}; choose huber or l2")
 
 
-def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, grid: list[int]) -> dict:
-    """All the randomness of one iteration for the GLOBAL batch from a generator of (seed, step) alone; each rank
-    and micro-batch takes its slice (resume is exact; 2 processes × b see what 1 process × 2b sees)."""
-    g = processes.rank_generator(cfg.seed, step)
-    n = cfg.global_batch
-    t_start = torch.tensor(grid)[torch.randint(len(grid), (n,), generator=g)]  # t_{n+k}, per sample
+def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, grid: list[int], rows: slice | None = None,
+                   device="cpu") -> dict:
+    """All the randomness of one iteration, for the rows `rows` of the GLOBAL batch (default: all): indices and times
+    for the whole batch from a generator of (seed, step) alone, sliced; the noise row by row on `device`
+    (processes.Noise). Resume is exact; 2 processes × b see what 1 process × 2b sees."""
+    g, n = processes.rank_generator(cfg.seed, step), cfg.global_batch
+    rows = rows or slice(0, n)
+    t_start = torch.tensor(grid)[torch.randint(len(grid), (n,), generator=g)][rows].to(device)  # t_{n+k}, per sample
     return {
-        "idx": torch.randint(n_data, (n,), generator=g),  # the real images (and their prompts)
-        "eps": torch.randn(n, *latent_shape, generator=g),  # ε of the forward noising
+        "idx": torch.randint(n_data, (n,), generator=g)[rows].to(device),  # the real images (and their prompts)
+        "eps": processes.Noise(cfg.seed, step, rows, device)(*latent_shape),  # ε of the forward noising
         "t_start": t_start,
         "t_end": (t_start - cfg.skip).clamp(min=0),  # t_n
     }
@@ -210,10 +212,10 @@ class LCM(Distiller):
 
     def train_step(self) -> dict:
         cfg, sch = self.cfg, self.schedule
-        draws = draw_iteration(cfg, self.step, self.source.n, self.latent_shape, self.grid)  # step 1
-        logs = {}
+        logs, t_starts = {}, []
         for m, sl in self.micro_slices():
-            d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
+            d = draw_iteration(cfg, self.step, self.source.n, self.latent_shape, self.grid, sl, self.dist.device)  # step 1
+            t_starts.append(d["t_start"])
             cond, null_cond, x0_real = self.conditions(d["idx"])
             with processes.autocast(self.dist, cfg.bf16):
                 x_start = sch.q_sample(x0_real, d["eps"], d["t_start"])  # step 2, Eq. 1: x_{t_{n+k}} of real data
@@ -229,7 +231,7 @@ class LCM(Distiller):
         logs["grad_norm"] = self.update_student()  # step 6: clip, Adam, the exported EMA
         processes.update_ema(self.target, self.student, cfg.target_decay)  # θ⁻ ← μ θ⁻ + (1 − μ) θ, no grad
         self.step += 1
-        logs["t"] = int(draws["t_start"].float().mean())  # the runner pops it (per-sample times here)
+        logs["t"] = int(torch.cat(t_starts).float().mean())  # the runner pops it (per-sample times here)
         return logs
 
 

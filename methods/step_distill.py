@@ -180,16 +180,18 @@ def distill_loss(x0_hat: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return weight * (target - x0_hat).pow(2).flatten(1).mean(1)
 
 
-def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: int, n_student: int) -> dict:
-    """All the randomness of one iteration for the GLOBAL batch, from a generator of (seed, step) alone: each rank
-    and micro-batch takes its slice (resume is exact; 2 processes × b see what 1 process × 2b sees)."""
-    g = processes.rank_generator(cfg.seed, step)
-    n = cfg.global_batch
+def draw_iteration(cfg: Config, step: int, n_data: int, latent_shape: tuple, T: int, n_student: int,
+                   rows: slice | None = None, device="cpu") -> dict:
+    """All the randomness of one iteration, for the rows `rows` of the GLOBAL batch (default: all): indices and times
+    for the whole batch from a generator of (seed, step) alone, sliced; the noise row by row on `device`
+    (processes.Noise). Resume is exact; 2 processes × b see what 1 process × 2b sees."""
+    g, n = processes.rank_generator(cfg.seed, step), cfg.global_batch
+    rows = rows or slice(0, n)
     return {
-        "idx": torch.randint(n_data, (n,), generator=g),  # real images (both stages noise data)
-        "eps": torch.randn(n, *latent_shape, generator=g),  # Eq. 1's ε
-        "t": torch.randint(0, T, (n,), generator=g),  # stage 1: uniform t per sample
-        "j": torch.randint(0, n_student, (n,), generator=g),  # stage 2: the student's step index per sample
+        "idx": torch.randint(n_data, (n,), generator=g)[rows].to(device),  # real images (both stages noise data)
+        "eps": processes.Noise(cfg.seed, step, rows, device)(*latent_shape),  # Eq. 1's ε
+        "t": torch.randint(0, T, (n,), generator=g)[rows].to(device),  # stage 1: uniform t per sample
+        "j": torch.randint(0, n_student, (n,), generator=g)[rows].to(device),  # stage 2: the student's step index
     }
 
 
@@ -258,10 +260,10 @@ class StepDistill(Distiller):
         if ph.stage == 2 and ph.it == 0:
             self.start_round()  # round r's teacher = round r−1's student (or the stage-1 student)
         grid = torch.tensor(teacher_grid(ph.student_steps))
-        draws = draw_iteration(cfg, self.step, self.source.n, self.latent_shape, sch.T, ph.student_steps)
         logs = {}
         for m, sl in self.micro_slices():
-            d = {k: v[sl].to(self.dist.device) for k, v in draws.items()}
+            d = draw_iteration(cfg, self.step, self.source.n, self.latent_shape, sch.T, ph.student_steps, sl,
+                               self.dist.device)
             cond, null_cond, x0_real = self.conditions(d["idx"])
             with processes.autocast(self.dist, cfg.bf16):
                 if ph.stage == 1:

@@ -1,6 +1,12 @@
 """
-What the latent cache costs one rank of a text-to-image run, before and after issue #20 item 3: host time per step of
-the data, the memory each rank holds, and the join of the ranks' parts into one cache file.
+What one rank's host does per step of a text-to-image run, before and after issue #20 item 3: the noise it draws,
+the latent-cache rows it reads (host time per step, the memory each rank holds), and the join of the ranks' parts
+into one cache file.
+
+Noise: the t2i preset (SD-1.5, global batch 256, micro-batch 8, 8 GPUs: 4 micro-batches per rank) draws 5 noise
+tensors 4×64×64 per sample (imagine_flash: x_T, ε, ε', and the discriminator's two). Before, every rank drew the
+GLOBAL batch's on the CPU (rank_generator, then sliced); after, processes.Noise draws only the rank's 32 rows, on
+its device (on a GPU the host only launches the kernels; here the CPU stands in for the device, an upper bound).
 
 A cache of --rows latents 4×64×64 float16 (SD-1.5 at 512 px; 20k rows = 625 MiB) is made in --dir from 8 part files,
 as 8 ranks leave them, twice: by the join before (rank 0 loads every part, fills an (N, 4, 64, 64) tensor, save_file)
@@ -15,7 +21,7 @@ step's rows as Source.get reads them (latents[idx].float()) from:
               (steady state: one copy per machine, shared by its ranks), cold = its pages dropped before every step
               (posix_fadvise), so every row comes from the disk
 
-    python bench_latents.py [--rows 20000] [--micro-batch 8] [--steps 400] [--dir /tmp]
+    python bench_host.py [--rows 20000] [--micro-batch 8] [--steps 400] [--dir /tmp]
 
 Memory in MiB: RssAnon is the process's own memory (8 ranks hold it 8 times), RssFile the page cache it maps (shared,
 given back under memory pressure); the join's is its peak resident memory (VmHWM, reset first). One process stands for
@@ -120,6 +126,28 @@ def time_steps(latents: torch.Tensor, batches: list, cold_path: str | None = Non
     return statistics.median(times)
 
 
+def time_noise(steps: int, world: int = 8, rank: int = 3, global_batch: int = 256, micro: int = 8,
+               draws: int = 5) -> tuple[float, float]:
+    """(before, after): one rank's seconds per step drawing an iteration's noise, median over `steps` steps."""
+    import processes
+    before, after = [], []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        g = processes.rank_generator(0, step)
+        for _ in range(draws):  # the global batch's, then each micro-batch's slice taken
+            torch.randn(global_batch, *ROW, generator=g)
+        t1 = time.perf_counter()
+        for m in range(global_batch // (micro * world)):  # this rank's micro-batches only
+            start = (m * world + rank) * micro
+            noise = processes.Noise(0, step, slice(start, start + micro))
+            for _ in range(draws):
+                noise(*ROW)
+        t2 = time.perf_counter()
+        before.append(t1 - t0)
+        after.append(t2 - t1)
+    return statistics.median(before), statistics.median(after)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=20000)
@@ -130,7 +158,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     n, b, world, rank = args.rows, args.micro_batch, 8, 3
     gib = n * math.prod(ROW) * 2 / 2**30
-    folder = tempfile.mkdtemp(dir=args.dir, prefix="bench_latents_")
+    folder = tempfile.mkdtemp(dir=args.dir, prefix="bench_host_")
     path = os.path.join(folder, "latents.safetensors")
     key = {**KEY, "n": str(n)}
     g = torch.Generator().manual_seed(1000 * rank)  # rank 3's own draws
@@ -164,7 +192,13 @@ def main(argv=None) -> dict:
             os.remove(os.path.join(folder, f))
         os.rmdir(folder)
 
-    lines = [f"latent cache: {n} rows {'×'.join(map(str, ROW))} float16 = {gib:.2f} GiB in {args.dir}; rank {rank} "
+    noise_before, noise_after = time_noise(max(5, args.steps // 40))
+    lines = [f"noise of one t2i step for rank {rank} of {world} (global batch 256, micro-batch 8, 5 draws 4×64×64), "
+             "1 torch thread", "", "| noise | host ms/step |", "|---|---:|",
+             f"| before: the global batch on the CPU, sliced | {1000 * noise_before:.1f} |",
+             f"| after: processes.Noise, this rank's rows only (on the CPU; on a GPU the host only launches) | "
+             f"{1000 * noise_after:.1f} |", f"| ratio | {noise_before / noise_after:.1f}× |", ""]
+    lines += [f"latent cache: {n} rows {'×'.join(map(str, ROW))} float16 = {gib:.2f} GiB in {args.dir}; rank {rank} "
              f"of {world}, micro-batch {b}, {args.steps} steps ({len(cold_batches)} cold), 1 torch thread", "",
              f"| {'read path':<46} | open s | data ms/step | RssAnon MiB per rank | RssFile MiB (shared) |",
              f"|{'-' * 48}|-------:|-------------:|---------------------:|---------------------:|"]
@@ -173,7 +207,7 @@ def main(argv=None) -> dict:
               f"|{'-' * 48}|--------:|------:|---------------------:|"]
     lines += [f"| {name:<46} | {s:7.2f} | {gib / s:5.2f} | {m:20.0f} |" for name, s, m in joins]
     print("\n".join(lines))
-    return {"reads": reads, "joins": joins}
+    return {"noise": (noise_before, noise_after), "reads": reads, "joins": joins}
 
 
 if __name__ == "__main__":

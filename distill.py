@@ -30,10 +30,12 @@ from methods.common import validate_run
 from pipeline import save_pipeline
 
 
-# what a resumed run may change: its length, logging, learning rates (each method's lr_of) and how it runs;
-# everything else (the networks, the method, the data, the seed) would silently make another run: refused
+# what a resumed run may change: its length, logging, learning rates (each method's lr_of) and how it runs
+# (--fsdp too: the checkpoint holds full tensors either way, see checkpoints.py); everything else (the networks,
+# the method, the data, the seed) would silently make another run: refused
 RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume", "overwrite",
                                "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "threads", "dist_timeout",
+                               "fsdp",
                                "preset"})
 
 
@@ -131,18 +133,22 @@ def run(cfg, preset: str, dist: processes.Dist):
         s = distiller.step
         last = s == cfg.steps or wall.stop(cfg.time_budget, s, cfg.steps)  # --time-budget: stop, checkpoint, export
         if cfg.ckpt_every and (s % cfg.ckpt_every == 0 or last):
+            # every rank: under FSDP2 the shards are gathered to rank 0, which writes the file
+            checkpoints.save_state(state_path, s, *distiller.state(),
+                                   extra={"method": method, "preset": preset, **dataclasses.asdict(cfg)})
             if dist.main:
-                checkpoints.save_state(state_path, s, *distiller.state(),
-                                  extra={"method": method, "preset": preset, **dataclasses.asdict(cfg)})
                 wall.save(s)
             processes.barrier()
-        if dist.main and ((cfg.sample_every and s % cfg.sample_every == 0) or last):
-            save_grid(distiller.samples(), os.path.join(cfg.out, "samples", f"step_{s:06d}.png"))
+        if (cfg.sample_every and s % cfg.sample_every == 0) or last:
+            grid = distiller.samples()  # every rank (FSDP2 gathers the EMA); the grid on rank 0
+            if dist.main:
+                save_grid(grid, os.path.join(cfg.out, "samples", f"step_{s:06d}.png"))
         if last:
             break
     bar.close()
+    ema = distiller.full_ema()  # every rank (FSDP2 gathers the shards); the whole EMA on rank 0
     if dist.main:
-        save_pipeline(os.path.join(cfg.out, "student"), distiller.ema, distiller.schedule, distiller.pipe.encoder,
+        save_pipeline(os.path.join(cfg.out, "student"), ema, distiller.schedule, distiller.pipe.encoder,
                       base=distiller.pipe.path, sampler={"method": method, **distiller.sampler_spec()},
                       teacher=cfg.teacher)
         wall.save(distiller.step)

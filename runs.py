@@ -207,10 +207,13 @@ def agree_on_resume(step: int, path: str, modules: dict) -> None:
 def check_finite(step: int, logs: dict, *modules: torch.nn.Module) -> None:
     """Stop (ValueError) when a logged loss, or the weights, are NaN/Inf after training step `step`: the run ends
     before it can write a checkpoint, a log line or an exported model from them, so the last good checkpoint stays.
-    The weight check is one sum per network (one device sync); under DDP every rank agrees on the verdict."""
+    The weight check is one sum per network (one device sync); under torchrun every rank agrees on the verdict."""
     bad = [k for k, v in logs.items() if not math.isfinite(float(v))]
-    for module in modules:
-        if module is not None and not bool(torch.isfinite(sum(p.detach().float().sum() for p in unwrap(module).parameters()))):
+    for module in (m for m in modules if m is not None):
+        # FSDP2: this rank's shard of each parameter (the verdict is agreed over the ranks below)
+        total = sum(p.to_local().detach().float().sum() if hasattr(p, "to_local") else p.detach().float().sum()
+                    for p in unwrap(module).parameters())
+        if not bool(torch.isfinite(total)):
             bad.append(f"{type(unwrap(module)).__name__} weights")
     error = (f"non-finite {', '.join(bad)} at step {step}: stopped without saving; {last_checkpoint()} "
              "(lower --lr or the guidance scale)") if bad else None

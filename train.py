@@ -186,7 +186,7 @@ def run(cfg: TrainConfig, preset: str, dist: processes.Dist) -> None:
         raise ValueError(f"{cfg.data} has no images to train a teacher on")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
-    model_ddp = DDP(model) if dist.world > 1 else model
+    model_ddp = DDP(model, gradient_as_bucket_view=True) if dist.world > 1 else model  # no second copy of the gradients
 
     state_path = os.path.join(cfg.out, "state.safetensors")
     step = 0

@@ -167,9 +167,9 @@ class ADD(Distiller):
     def build_extra(self) -> None:
         cfg, device = self.cfg, self.dist.device
         self.disc = make_discriminator(cfg.disc, self.teacher, self.pipe.encoder, cfg.disc_vit, cfg.grad_ckpt, device)
+        self.disc_ddp = self.wrap(self.disc) if self.disc is not None else None  # before its optimiser (FSDP2)
         self.opt_d = (torch.optim.Adam([p for p in self.disc.parameters() if p.requires_grad], lr=cfg.lr_disc,
                                        betas=tuple(cfg.adam_betas)) if self.disc is not None else None)
-        self.disc_ddp = self.wrap(self.disc) if self.disc is not None else None
 
     def sampler_spec(self) -> dict:
         return {"kind": "renoise", "timesteps": list(self.cfg.timesteps), "first_t": self.cfg.first_t}
@@ -196,7 +196,7 @@ class ADD(Distiller):
         for m, sl in self.micro_slices():
             d = draw_iteration(cfg, step, self.source.n, self.latent_shape, sch.T, sl, self.dist.device)
             cond, null_cond, x0_real = self.conditions(d["idx"])
-            with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
+            with self.accumulate(self.student_ddp, m), processes.autocast(self.dist, cfg.bf16):
                 x_s = student_input(sch, x0_real, d["eps"], s)  # step 2: forward-noised real data
                 x0_hat = student_x0(self.student_ddp, sch, x_s, s, cond, cfg.first_t).float()  # step 3, with gradient
                 terms = {}
@@ -218,7 +218,7 @@ class ADD(Distiller):
         if self.disc is not None:
             self.set_disc_trainable(True)
             for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
-                with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
+                with self.accumulate(self.disc_ddp, m), processes.autocast(self.dist, cfg.bf16):
                     dterms = disc_loss(self.disc_ddp, sch, x0_real, x0_fake, d["s_disc"], d["eps_real"],
                                        d["eps_fake"], cond, self.decode, cfg.r1)
                     (sum(v.mean() for v in dterms.values()) / self.accum).backward()

@@ -6,7 +6,9 @@ What every distillation method shares (a shared module: methods import it, never
   Distiller     builds the frozen teacher, the student (an exact copy of the teacher), its EMA, the data and the
                 student's optimiser; gives each micro-batch its conditions and real images; updates the student
                 (clip, Adam, EMA); samples a fixed grid with the student's own sampler. A method subclasses it,
-                builds its extra networks in `build_extra` and writes `train_step`.
+                builds its extra networks in `build_extra` (each trainable one through `self.wrap`, then its
+                optimiser) and writes `train_step` (each micro-batch's backward under `self.accumulate(net, m)`).
+                Under torchrun `wrap` is DDP, or FSDP2 with --fsdp (sharding.py: the EMA sharded alike).
   student_x0    Eq. 5 with the student's ε̂, with gradient, at the time the student is told (first_t).
   draw_timestep the training timestep of an iteration, the same on every rank.
   fake_score_loss, dm_gradient, dm_surrogate   distribution matching (DMD2, EMD): the online fake score's ε-loss,
@@ -21,6 +23,7 @@ from torch.profiler import record_function
 
 import cli
 import processes
+import sharding
 from cli import arg
 from data import Source
 from pipeline import encode_prompts, load_pipeline
@@ -62,6 +65,9 @@ class RunConfig:
                           "of other work; docs/threads.md)")
     dist_timeout: float = arg(30.0, "minutes a process waits in a collective (torchrun) before the run fails instead of "
                                     "hanging; rank 0 alone writes checkpoints and the export meanwhile")
+    fsdp: bool = arg(False, "FSDP2 under torchrun: shard the trainable networks, their EMA and Adam moments over the "
+                            "processes instead of a full copy each (DDP); the same math and checkpoint; one process: "
+                            "no-op")
 
 
 def student_x0(student, schedule: VPSchedule, x_t: torch.Tensor, t: int, cond, first_t: int | None = None) -> torch.Tensor:
@@ -102,10 +108,14 @@ class Distiller:
         validate_run(cfg)
         self.accum = processes.batch_plan(cfg.global_batch, cfg.micro_batch, dist.world)
         device = dist.device
+        # --fsdp shards over the processes of a torchrun; one process has nothing to shard with, so it runs as without
+        self.fsdp = cfg.fsdp and dist.world > 1
+        if cfg.fsdp and dist.world == 1:
+            processes.print0("--fsdp: one process, nothing to shard: the networks stay whole (FSDP2 needs torchrun)")
 
         pipe = load_pipeline(cfg.teacher)
         self.pipe, self.schedule = pipe, pipe.schedule
-        # the frozen teacher: eval, no grad, never wrapped in DDP; bf16 at scale
+        # the frozen teacher: eval, no grad, never wrapped in DDP nor sharded; bf16 at scale
         self.teacher = pipe.unet.to(device).eval().requires_grad_(False)
         if pipe.encoder is not None:
             pipe.encoder.to(device)
@@ -139,9 +149,12 @@ class Distiller:
             if frozen is not None:
                 frozen.to(self.frozen_dtype)
 
-        self.opt_g = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
-        # only the trainable networks are wrapped for gradient averaging across ranks
+        # only the trainable networks are wrapped for gradient averaging across ranks; the optimiser after it
+        # (FSDP2 replaces the parameters by their shards)
         self.student_ddp = self.wrap(self.student)
+        self.opt_g = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        if self.fsdp:
+            self.shard_followers()
         self.teacher_fn = torch.compile(self.teacher) if cfg.compile else self.teacher
         self.step = 0
 
@@ -163,7 +176,24 @@ class Distiller:
 
     # --- shared machinery ---------------------------------------------------------------------------
     def wrap(self, module):
-        return DDP(module) if self.dist.world > 1 else module
+        """A trainable network for training across ranks: sharded in place (--fsdp, FSDP2), or in DDP (gradients in
+        the buckets themselves: no second fp32 copy of them), or itself (one process). Build its optimiser after."""
+        if self.fsdp:
+            return sharding.shard(module, self.dist.device, bf16=self.cfg.bf16 and self.dist.device.type == "cuda")
+        return DDP(module, gradient_as_bucket_view=True) if self.dist.world > 1 else module
+
+    def shard_followers(self) -> None:
+        """Under FSDP2, the networks of the checkpoint that only follow the trainable ones (the EMA, LCM's target, a
+        round's teacher: updated from the student, never by a gradient) are sharded the same way, so their
+        parameters are the same rows as the student's on every rank and the EMA's lerp is on local shards. Then
+        every optimiser must hold shards: one built before its network was sharded would update stale tensors."""
+        modules, optimizers = self.state()
+        for module in modules.values():
+            if not sharding.is_sharded(module):
+                self.wrap(module)
+        for name, opt in optimizers.items():
+            if opt is not None and not all(sharding.is_sharded(p) for g in opt.param_groups for p in g["params"]):
+                raise RuntimeError(f"{name} holds parameters that are not shards: build it after self.wrap(network)")
 
     def micro_slices(self):
         """(micro index, slice of the global batch) for this rank."""
@@ -175,6 +205,16 @@ class Distiller:
     def sync(self, m: int) -> bool:
         """Average gradients across ranks on the last micro-batch only (no_sync before it)."""
         return m == self.accum - 1 or self.dist.world == 1
+
+    def accumulate(self, net, m: int):
+        """The context of micro-batch m's forward and backward through `net` (a wrapped network): its gradients are
+        averaged across ranks after the last micro-batch only, and accumulate locally before it. DDP: no_sync();
+        FSDP2: set_requires_gradient_sync(False) (the gradients stay whole and unreduced until the last one's
+        reduce-scatter)."""
+        if self.fsdp:
+            net.set_requires_gradient_sync(self.sync(m))
+            return torch.enable_grad()
+        return torch.enable_grad() if self.sync(m) else net.no_sync()
 
     def decode(self, z):
         return self.pipe.autoencoder.decode(z.to(self.frozen_dtype)).float()  # identity in pixel space
@@ -198,7 +238,8 @@ class Distiller:
     def update_student(self) -> float:
         """Clip (when cfg.grad_clip > 0), Adam, EMA. Returns the global gradient norm (after DDP's averaging)."""
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip).item()
+        # FSDP2: the global norm over every rank's shards (a DTensor, the same on every rank), clipped shard by shard
+        norm = sharding.gather(torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)).item()
         with record_function("adam_student"):  # phase labels: bench.py reads them from a torch.profiler run
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
@@ -206,9 +247,25 @@ class Distiller:
             processes.update_ema(self.ema, self.student, self.cfg.ema_decay)
         return norm
 
+    def full_ema(self):
+        """The EMA student whole, on the main rank (None on the others): itself, or under FSDP2 its shards gathered
+        (a collective: every rank calls this) into a plain copy of the architecture, for the grid and the export."""
+        if not self.fsdp:
+            return self.ema if self.dist.main else None
+        weights = sharding.full_state_dict(self.ema, self.dist.main)  # one all-gather per tensor, on every rank
+        if not self.dist.main:
+            return None
+        net = copy.deepcopy(self.teacher).float().eval()  # the same architecture, whole (the teacher is never sharded)
+        net.load_state_dict(weights)
+        return net
+
     @torch.no_grad()
-    def samples(self, n: int = 12) -> torch.Tensor:
-        """A fixed grid from the EMA student with its own sampler: same seeds and prompts every time."""
+    def samples(self, n: int = 12) -> torch.Tensor | None:
+        """A fixed grid from the EMA student with its own sampler: same seeds and prompts every time. Every rank calls
+        it (FSDP2 gathers the EMA); the main rank returns the grid, the others None."""
+        ema = self.full_ema()
+        if ema is None:
+            return None
         g = torch.Generator().manual_seed(1234)
         x_T = torch.randn(n, *self.latent_shape, generator=g).to(self.dist.device)
         if self.source.prompts is not None:  # toy: one sample per class
@@ -219,7 +276,7 @@ class Distiller:
             prompts = None
         cond, _ = encode_prompts(self.pipe.encoder, prompts, self.dist.device)
         cond = cond.float() if cond is not None else None
-        x = student_sample(eps_fn_for(self.ema, cond), self.schedule, x_T, self.sampler_spec(), generator=g)
+        x = student_sample(eps_fn_for(ema, cond), self.schedule, x_T, self.sampler_spec(), generator=g)
         return self.decode(x).clamp(-1, 1)
 
 

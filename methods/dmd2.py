@@ -211,8 +211,8 @@ class DMD2(Distiller):
         cfg = self.cfg
         self.fake = FakeScore(self.teacher, self.gan).to(self.dist.device)
         self.fake.unet.gradient_checkpointing = cfg.grad_ckpt
+        self.fake_ddp = self.wrap(self.fake)  # before its optimiser: FSDP2 replaces the parameters by their shards
         self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=cfg.lr_fake, betas=tuple(cfg.adam_betas))
-        self.fake_ddp = self.wrap(self.fake)
 
     def sampler_spec(self) -> dict:
         return {"kind": "renoise", "timesteps": list(self.cfg.timesteps), "first_t": self.cfg.first_t}
@@ -241,7 +241,7 @@ class DMD2(Distiller):
                     with torch.no_grad():
                         x0 = generator_x0(processes.unwrap(self.student_ddp), sch, x_t, t, cond, cfg.first_t)
                 else:
-                    with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
+                    with self.accumulate(self.student_ddp, m):
                         x0 = generator_x0(self.student_ddp, sch, x_t, t, cond, cfg.first_t)  # Eq. 5, with gradient
                         g = dm_gradient(self.teacher_fn, self.fake, sch, x0, d["eps_dm"], d["t_dm"], cond, null_cond,
                                         cfg.cfg_scale)  # no graph: sg(x̂_0) inside
@@ -261,7 +261,7 @@ class DMD2(Distiller):
         # ---- fake score φ (and its head): every iteration, on the detached samples ----------------------
         self.fake.requires_grad_(True)
         for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
-            with (torch.enable_grad() if self.sync(m) else self.fake_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
+            with self.accumulate(self.fake_ddp, m), processes.autocast(self.dist, cfg.bf16):
                 terms = {"fake": fake_score_loss(self.fake_ddp, sch, x0_fake, d["eps_fake"], d["t_fake"], cond)}
                 if self.gan:
                     terms["gan_d"] = gan_d_loss(*realism_logits(self.fake_ddp, sch, x0_real, x0_fake, d["s_real"],

@@ -207,8 +207,8 @@ class EMD(Distiller):
         # φ starts as an exact copy of the (fp32) teacher, trained online (fp32, its own Adam), wrapped for DDP
         self.fake = copy.deepcopy(self.teacher).float().train().requires_grad_(True)
         self.fake.gradient_checkpointing = self.cfg.grad_ckpt
+        self.fake_ddp = self.wrap(self.fake)  # before its optimiser: FSDP2 replaces the parameters by their shards
         self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=self.cfg.lr_fake, betas=tuple(self.cfg.adam_betas))
-        self.fake_ddp = self.wrap(self.fake)
 
     def sampler_spec(self) -> dict:
         # one step = x̂_0 from x_T (re-noising sampler with a single timestep), told first_t
@@ -234,7 +234,7 @@ class EMD(Distiller):
                 with processes.autocast(self.dist, cfg.bf16):
                     eps_K, z_K = e_step(cfg, student, self.teacher_fn, self.fake, sch, d["z"], d["eps"], d["t"],
                                         cond, null_cond, d["noise_eps"], d["noise_z"])  # Eq. E1–E3, detached
-                    with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
+                    with self.accumulate(self.student_ddp, m):
                         loss, _ = m_step_loss(cfg, self.student_ddp, self.teacher_fn, self.fake, sch, z_K, eps_K,
                                               d["t"], cond, null_cond)  # Eq. M
                         (loss.mean() / self.accum).backward()
@@ -249,7 +249,7 @@ class EMD(Distiller):
             with processes.autocast(self.dist, cfg.bf16):
                 with torch.no_grad():  # stop-gradient: φ learns from g_θ's samples, θ gets nothing from this step
                     x0_fake = generator(student, sch, d["z"], cond, cfg.first_t)
-                with (torch.enable_grad() if self.sync(m) else self.fake_ddp.no_sync()):
+                with self.accumulate(self.fake_ddp, m):
                     floss = fake_score_loss(self.fake_ddp, sch, x0_fake, d["eps_fake"], d["t_fake"], cond)
                     (floss.mean() / self.accum).backward()
             logs["fake"] = logs.get("fake", 0.0) + floss.mean().item() / self.accum

@@ -84,11 +84,12 @@ PRESETS = {
     # checkpointing. Unsharded, the fp32 student with its gradients and Adam (41 GB), the EMA (10 GB), the U-Net
     # discriminator with Adam (20 GB) and the bf16 teacher (5 GB) need ~77 GB before activations: too much for an
     # 80 GB GPU, hence sharding.
-    # fsdp: sharded (issue #20)
+    # Sharded (fsdp, sharding.py) over 8 GPUs the 71 GB of student, EMA and discriminator state is ~9 GB per GPU; the
+    # bf16 teacher stays whole (5 GB), and the gathered bf16 weights of a layer or two at a time come on top.
     "t2i_xl": Config(teacher="stabilityai/stable-diffusion-xl-base-1.0", data="data/captions", out="runs/t2i_xl/student",
                      steps=15000, global_batch=256, micro_batch=4, lr=5e-6, lr_disc=1e-4, cfg_scale=5.0,
                      lambda_adv=0.05, ema_decay=0.999, toy_images=0, log_every=50, sample_every=1000,
-                     ckpt_every=1000, bf16=True, grad_ckpt=True),
+                     ckpt_every=1000, bf16=True, grad_ckpt=True, fsdp=True),
     # a small pixel-space text-to-image teacher of your own (train.py --preset t2i_small), 32×32, one GPU
     "t2i_small": Config(teacher="runs/t2i_small/teacher", data="data/captions", out="runs/t2i_small/student",
                         steps=5000, global_batch=128, micro_batch=64, lr=1e-5, cfg_scale=4.0, lambda_adv=0.1,
@@ -259,9 +260,9 @@ class ImagineFlash(Distiller):
     def build_extra(self) -> None:
         cfg, device = self.cfg, self.dist.device
         self.disc = make_discriminator(cfg.disc, self.teacher, self.pipe.encoder, cfg.disc_vit, cfg.grad_ckpt, device)
+        self.disc_ddp = self.wrap(self.disc) if self.disc is not None else None  # before its optimiser (FSDP2)
         self.opt_d = (torch.optim.Adam([p for p in self.disc.parameters() if p.requires_grad], lr=cfg.lr_disc,
                                        betas=tuple(cfg.adam_betas)) if self.disc is not None else None)
-        self.disc_ddp = self.wrap(self.disc) if self.disc is not None else None
 
     def sampler_spec(self) -> dict:
         return {"kind": "ddim", "timesteps": list(self.cfg.timesteps), "noise_correction": self.cfg.noise_correction,
@@ -294,7 +295,7 @@ class ImagineFlash(Distiller):
                                                cfg.timesteps, cfg.noise_correction, first_t=cfg.first_t)
                     else:
                         x_t = forward_noising(self.schedule, x0_real, d["eps"], t)
-                with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
+                with self.accumulate(self.student_ddp, m):
                     terms, x0_hat = student_losses(cfg, self.student_ddp, self.teacher_fn, disc, self.schedule,
                                                    x_t, t, cond, null_cond, x0_real, d["eps_prime"], d["s"],
                                                    d["eps_real"], d["eps_fake"], decode)
@@ -312,7 +313,7 @@ class ImagineFlash(Distiller):
             if cfg.disc == "projected":
                 self.disc.vit.requires_grad_(False)
             for m, (x0_fake, x0_real, d, cond) in enumerate(fakes):
-                with (torch.enable_grad() if self.sync(m) else self.disc_ddp.no_sync()), processes.autocast(self.dist, cfg.bf16):
+                with self.accumulate(self.disc_ddp, m), processes.autocast(self.dist, cfg.bf16):
                     with record_function("disc_forward"):
                         dterms = disc_loss(self.disc_ddp, self.schedule, x0_real, x0_fake, d["s"], d["eps_real"],
                                            d["eps_fake"], cond, decode, cfg.r1)

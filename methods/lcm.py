@@ -222,7 +222,7 @@ class LCM(Distiller):
                 x_end = teacher_solve(self.teacher_fn, sch, x_start, d["t_start"], d["t_end"], cond, null_cond,
                                       cfg.cfg_scale)  # step 3: x̂_{t_n}, no gradient
                 target = target_fn(self.target, sch, x_end, d["t_end"], cond, cfg.timestep_scaling)  # sg(f_θ⁻)
-                with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
+                with self.accumulate(self.student_ddp, m):
                     f = consistency_fn(self.student_ddp, sch, x_start, d["t_start"], cond, cfg.first_t,
                                        cfg.timestep_scaling)  # step 4: f_θ, with gradient
                     loss = distance(f, target, cfg.distance, cfg.huber_c)  # step 5

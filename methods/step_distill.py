@@ -275,7 +275,7 @@ class StepDistill(Distiller):
                     t, t1, t2 = (grid[2 * j + k].to(self.dist.device) for k in (0, 1, 2))  # t → t′ → t″
                     x_t = sch.q_sample(x0_real, d["eps"], t)  # Eq. 1
                     target, _ = two_step_target(self.round_teacher, sch, x_t, t, t1, t2, cond)  # no graph
-                with (torch.enable_grad() if self.sync(m) else self.student_ddp.no_sync()):
+                with self.accumulate(self.student_ddp, m):
                     x0_hat = x0_of(self.student_ddp, sch, x_t, t, cond)  # Eq. 5, with gradient
                     loss = distill_loss(x0_hat, target, snr_weight(sch, t))
                     (loss.mean() / self.accum).backward()

@@ -105,7 +105,8 @@ def layout_of_folder(folder: str) -> Layout:
 def text_encoder_params(cls_name: str, config: dict) -> int:
     """Parameters of a transformers text encoder, built on the meta device from its config."""
     import transformers
-    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures",
+                                                                                   "transformers_version")}
     cfg = transformers.AutoConfig.for_model(fields.pop("model_type", "clip_text_model"), **fields)
     with torch.device("meta"):
         return count_params(getattr(transformers, cls_name)(cfg))
@@ -408,6 +409,7 @@ class Plan:
     total: float
     budget: float
     setting: str
+    gradients: float = 0.0  # GiB of the trainable networks' gradients per GPU (in the rows; freed between steps)
 
     @property
     def fits(self) -> bool:
@@ -424,11 +426,12 @@ def plan(layout: Layout, cfg, gpus: int = 8, shard: str = "ddp", budget: float =
     P_d = count_params(nets.disc) if nets.disc is not None else 0
     frozen = BF16 if cfg.bf16 else FP32
     rows = [("student weights (fp32 master)", P_s, FP32 * P_s / n, "÷ GPUs (sharded)" if n > 1 else ""),
-            ("student gradients (fp32)", P_s, FP32 * P_s / n, "DDP: views of its buckets" if shard == "ddp" else ""),
+            ("student gradients (fp32)", P_s, FP32 * P_s / n, "DDP: views of its buckets" if shard == "ddp" and gpus > 1 else ""),
             ("student Adam moments (2 × fp32)", P_s, 2 * FP32 * P_s / n, ""),
             ("student EMA (fp32)", P_s, FP32 * P_s / n, "")]
     if shard == "ddp" and gpus > 1:
-        rows.append(("DDP gradient buckets", None, 0.0, f"gradient_as_bucket_view=True (else +{FP32 * (P_s + P_d) / GiB:.1f})"))
+        rows.append(("DDP gradient buckets", None, 0.0,
+                     f"gradient_as_bucket_view=True (else +{FP32 * (P_s + P_d) / GiB:.1f}: a second copy)"))
     if P_d:
         rows.append(("discriminator weights + grads + Adam (fp32)", P_d, 4 * FP32 * P_d / n,
                      "teacher-encoder copy + heads, trainable"))
@@ -439,13 +442,13 @@ def plan(layout: Layout, cfg, gpus: int = 8, shard: str = "ddp", budget: float =
         p = text_encoder_params(cls_name, config)
         rows.append((f"{name} (frozen)", p, frozen * p, cls_name))
     if shard == "fsdp2":
-        # one unit in use and the next prefetched, in the gather dtype; the unit's gradient in it and its fp32 copy
-        # for the reduce-scatter (reduce_dtype fp32). Student and discriminator never run at once: the larger unit.
+        # one unit in use and the next prefetched, in the gather dtype; the unit's gradient in it, and in bf16 its fp32
+        # copy for the reduce-scatter (reduce_dtype fp32). Student and discriminator never run at once: the larger unit.
         largest = max(max(fsdp_units(m, unit)) for m in (nets.student, nets.disc) if m is not None)
         w = BF16 if gather_bf16 else FP32
-        rows.append(("FSDP2 all-gathered units", largest, (2 * w + w + FP32) * largest,
-                     f"largest {unit} unit {largest / 1e6:.0f}M: in use + prefetched ({'bf16' if gather_bf16 else 'fp32'}), "
-                     "its gradient + fp32 copy"))
+        rows.append(("FSDP2 all-gathered units", largest, (2 * w + w + (FP32 if gather_bf16 else 0)) * largest,
+                     f"largest {unit} unit: in use + prefetched ({'bf16' if gather_bf16 else 'fp32'}), its gradient"
+                     + (" + fp32 copy" if gather_bf16 else "")))
     rows = [(name, count, nbytes / GiB, note) for name, count, nbytes, note in rows]
 
     measured = measure_iteration(nets, cfg, cfg.micro_batch)
@@ -454,22 +457,25 @@ def plan(layout: Layout, cfg, gpus: int = 8, shard: str = "ddp", budget: float =
     phases["Adam step (student), foreach temporaries"] = adam / GiB
     if nets.disc is not None:
         phases["Adam step (discriminator)"] = measure_optimizer(list(nets.disc.parameters())) / n / GiB
-    peak = max(phases.values())
-    rows.append(("activations + temporaries (measured)", None, peak, f"the largest phase, micro-batch {cfg.micro_batch}"))
+    largest_phase = max(phases, key=phases.get)
+    rows.append(("activations + temporaries (measured)", None, phases[largest_phase],
+                 f"micro-batch {cfg.micro_batch}, the largest phase: {largest_phase.split(':')[0]}"))
     phases["held at the student's backward"] = measured["held at the student's backward"] / GiB
     phases["of which autocast's bf16 weight copies"] = measured["autocast weight copies"] / GiB
     total = sum(r[2] for r in rows)
-    setting = (f"{cfg.micro_batch} per GPU, {gpus} GPU(s), {shard}" + (f" per {unit}" if shard == "fsdp2" else "")
+    setting = (f"micro-batch {cfg.micro_batch} per GPU, {gpus} GPU(s), {shard}" + (f" ({unit} units)" if shard == "fsdp2" else "")
                + f", gradient checkpointing {ckpt_name(cfg.grad_ckpt)}, {'bf16' if cfg.bf16 else 'fp32'}, "
                f"t = {heaviest_t(cfg)}, k = {cfg.k}")
-    return Plan(rows, phases, total, budget, setting)
+    return Plan(rows, phases, total, budget, setting, FP32 * (P_s + P_d) / n / GiB)
 
 
 def ckpt_name(mode) -> str:
+    """grad_ckpt's value as unet.py names it (a bool in the presets)."""
     return {True: "block", False: "off"}.get(mode, mode)
 
 
 def render_plan(p: Plan, title: str) -> str:
+    """The plan as a fixed-width table, then the measured phases."""
     lines = [f"# memory plan: {title}", f"# {p.setting}", "",
              f"{'component':<48} {'params':>9} {'GiB/GPU':>8}  note", "-" * 100]
     for name, count, gib, note in p.rows:
@@ -482,7 +488,8 @@ def render_plan(p: Plan, title: str) -> str:
 
 def verdict(p: Plan) -> str:
     if p.fits:
-        return f"verdict: FITS: {p.total:.1f} GiB per GPU ≤ budget {p.budget:.0f} GiB ({p.budget - p.total:.1f} GiB to spare)"
+        return (f"verdict: FITS: {p.total:.1f} GiB per GPU ≤ budget {p.budget:.0f} GiB "
+                f"({p.budget - p.total:.1f} GiB to spare)")
     return f"verdict: DOES NOT FIT: {p.total:.1f} GiB per GPU > budget {p.budget:.0f} GiB"
 
 
@@ -510,6 +517,7 @@ def knobs(layout: Layout, cfg, gpus: int, shard: str, budget: float, unit: str) 
 
 
 def preset_config(preset: str, method: str = "imagine_flash", **overrides):
+    """A copy of the method's preset, the overrides that are not None applied."""
     if method != "imagine_flash":
         raise ValueError(f"scale.py plans --method imagine_flash only (its networks: student, EMA, discriminator); "
                          f"got {method!r}")
@@ -593,108 +601,159 @@ def sdpa_kernels(prof) -> dict:
     return counts
 
 
-def timed_peak(timed, steps: int, device) -> tuple[float, float | None]:
-    """(s/it, peak GiB) over `steps` iterations; the peak is torch.cuda.max_memory_allocated (None on the CPU)."""
+def flops_per_iteration(nets: Nets, cfg, B: int) -> float:
+    """FLOPs of one iteration at micro-batch B by bench.py's count (U-Net forwards: rollout, the student's forward,
+    backward and recompute, k teacher steps × CFG; discriminator forwards; the VAE's encode of the real images)."""
+    from bench import count_flops, nfe_per_sample
+    d = micro_inputs(nets, cfg, 1, "meta")
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    f_unet = count_flops(lambda: nets.student(d["x_T"], t, d["cond"]))
+    f_enc = count_flops(lambda: nets.student.encode(d["x_T"], t, d["cond"]))
+    f_vae = count_flops(lambda: nets.vae.encode(d["pixels"])) if nets.vae is not None else 0.0
+    n_unet, n_enc = nfe_per_sample(cfg, nets.student.is_conditional)
+    return B * (f_unet * n_unet + f_enc * n_enc + f_vae)
+
+
+def timed_peak(timed, steps: int, device, held: list) -> tuple[float, float]:
+    """(s/it over `steps` iterations, peak GiB). On CUDA the peak is torch.cuda.max_memory_allocated; on the CPU, what
+    the networks and optimiser states hold (`held`: their storages) + LiveBytes' peak over one more iteration (tracked
+    apart: the tracking slows a CPU step)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    s_it = timed(steps)
-    return s_it, torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+        return timed(steps), torch.cuda.max_memory_allocated(device) / GiB
+    s_it, live = timed(steps), LiveBytes(held)
+    with live:
+        timed(1)
+    return s_it, (sum({st._cdata: st.nbytes() for st in held}.values()) + live.peak) / GiB
 
 
 def check(tiny: bool, minutes: float, out: str | None, compile_backend: str, micro_batch: int | None) -> dict:
-    """The check's numbers (and, with `out`, out/gpu_check.json + .md)."""
-    import distill
-    import processes
+    """The check's numbers (and, with `out`, out/gpu_check.json + .md). An error (out of memory, a compile failure)
+    is recorded and the rest still written."""
     t_start = time.perf_counter()
-    left = lambda: minutes * 60 - (time.perf_counter() - t_start)  # noqa: E731  (seconds of the budget left)
     cuda = torch.cuda.is_available() and not tiny
     device = torch.device("cuda" if cuda else "cpu")
     layout = TINY if tiny else LAYOUTS["t2i"]
     B = micro_batch or (2 if tiny else imagine_flash.PRESETS["t2i"].micro_batch)
-    steps = 2 if tiny else 3
-    result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu (--tiny)", "torch": torch.__version__,
-              "tiny": tiny, "micro_batch": B, "minutes": minutes}
+    r = {"device": torch.cuda.get_device_name(device) if cuda else "cpu (--tiny)", "torch": torch.__version__,
+         "tiny": tiny, "micro_batch": B, "minutes": minutes}
+    for k in ("sdpa_kernel", "static_gib", "eager_s_per_it", "peak_gib", "compile_s", "compiled_s_per_it",
+              "compiled_peak_gib", "error"):
+        r[k] = None
+    cfg = p = None
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        teacher = write_teacher(os.path.join(tmp, "teacher"), layout, device)
-        down = 2 ** (len(layout.vae["block_out_channels"]) - 1)
-        captions = write_captions(os.path.join(tmp, "captions"), 2 * B, layout.unet["sample_size"] * down)
-        result["write_folder_s"] = time.perf_counter() - t0
-        cfg, _ = distill.parse_args(["--preset", "t2i", "--teacher", teacher, "--data", captions, "--out",
-                                     os.path.join(tmp, "run"), "--global-batch", str(B), "--micro-batch", str(B),
-                                     "--device", device.type])
-        cfg.bf16 = cfg.bf16 and cuda  # as distill.run: bf16 is CUDA only
-        t0 = time.perf_counter()
-        d = distill.build(cfg, processes.Dist(device=device))
-        result["build_s"] = time.perf_counter() - t0
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-        def timed(n: int) -> float:  # seconds per train_step over the same steps each time (the same t's drawn)
-            d.step = 0
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                d.train_step()
-            sync()
-            return (time.perf_counter() - t0) / n
-
-        result["first_step_s"] = timed(1)  # warm-up: every code path once (cuDNN autotuning, lazy allocations)
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            timed(1)
-        result["sdpa_kernels"] = sdpa_kernels(prof)
-        result["sdpa_kernel"] = max(result["sdpa_kernels"], key=result["sdpa_kernels"].get) if result["sdpa_kernels"] else None
-        result["static_gib"] = torch.cuda.memory_allocated(device) / GiB if cuda else None  # after a step
-        result["eager_s_per_it"], result["peak_gib"] = timed_peak(timed, steps, device)
-        # torch.compile of the teacher (what cfg.compile does at build): its first call compiles
-        result["compile_backend"] = compile_backend
-        result["compile_s"] = result["compiled_s_per_it"] = result["compiled_peak_gib"] = None
-        if left() > max(90.0 if cuda else 20.0, 4 * result["eager_s_per_it"]):
-            d.teacher_fn = torch.compile(d.teacher, backend=compile_backend)
-            result["compile_s"] = timed(1) - result["eager_s_per_it"]
-            if left() > 2 * steps * result["eager_s_per_it"]:
-                result["compiled_s_per_it"], result["compiled_peak_gib"] = timed_peak(timed, steps, device)
-        else:
-            result["compile_skipped"] = f"{left():.0f} s of the {minutes} min budget left"
-        del d
-    # the plan of this very run (1 GPU, its micro-batch), measured on the meta device
-    p = plan(layout, dataclasses.replace(cfg, micro_batch=B), gpus=1, shard="ddp")
-    result["plan_gib"] = p.total
-    result["plan_static_gib"] = sum(r[2] for r in p.rows[:-1])
-    result["plan_activations_gib"] = p.rows[-1][2]
-    result["measured_over_plan"] = result["peak_gib"] / p.total if result["peak_gib"] else None
-    result["total_s"] = time.perf_counter() - t_start
+        try:
+            cfg = measure_run(r, layout, B, device, tmp, lambda: minutes * 60 - (time.perf_counter() - t_start),
+                              compile_backend)
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if cfg is not None:  # the plan of this very run (1 GPU, its micro-batch), measured on the meta device
+        p = plan(layout, dataclasses.replace(cfg, micro_batch=B), gpus=1, shard="ddp")
+        r["plan_gib"], r["plan_activations_gib"] = p.total, p.rows[-1][2]
+        r["plan_static_gib"] = p.total - r["plan_activations_gib"]
+        r["plan_gradients_gib"] = p.gradients
+        r["measured_over_plan"] = r["peak_gib"] / p.total if r["peak_gib"] else None
+        # what a step adds to what is held between steps: the plan's activations, + the gradients at most
+        r["step_adds_gib"] = r["peak_gib"] - r["static_gib"] if r["peak_gib"] else None
+        flops = flops_per_iteration(build_nets(layout, cfg), cfg, B)
+        r["tflop_per_it"] = flops / 1e12
+        for k in ("eager", "compiled"):
+            r[f"{k}_tflops"] = flops / r[f"{k}_s_per_it"] / 1e12 if r[f"{k}_s_per_it"] else None
+    r["total_s"] = time.perf_counter() - t_start
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "gpu_check.json"), "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(r, f, indent=2)
         with open(os.path.join(out, "gpu_check.md"), "w") as f:
-            f.write(render_check(result, p))
-    return result
+            f.write(render_check(r, p))
+    return r
 
 
-def render_check(r: dict, p: Plan) -> str:
-    f = lambda v, unit="": "—" if v is None else (f"{v:.3f}{unit}" if isinstance(v, float) else f"{v}{unit}")  # noqa: E731
+def measure_run(r: dict, layout: Layout, B: int, device, tmp: str, left, compile_backend: str):
+    """The measured part of the check, into r: a random teacher of `layout` and a caption folder written to tmp, the t2i
+    preset at micro-batch B (accumulation 1) built by distill.build and stepped by train_step. Returns its config."""
+    import distill
+    import processes
+    from torch.profiler import ProfilerActivity, profile
+    cuda, steps = device.type == "cuda", 3 if device.type == "cuda" else 2
+    t0 = time.perf_counter()
+    teacher = write_teacher(os.path.join(tmp, "teacher"), layout, device)
+    down = 2 ** (len(layout.vae["block_out_channels"]) - 1)
+    captions = write_captions(os.path.join(tmp, "captions"), 2 * B, layout.unet["sample_size"] * down)
+    r["write_folder_s"] = time.perf_counter() - t0
+    cfg, _ = distill.parse_args(["--preset", "t2i", "--teacher", teacher, "--data", captions, "--out",
+                                 os.path.join(tmp, "run"), "--global-batch", str(B), "--micro-batch", str(B),
+                                 "--device", device.type])
+    cfg.bf16 = cfg.bf16 and cuda  # as distill.run: bf16 is CUDA only
+    t0 = time.perf_counter()
+    d = distill.build(cfg, processes.Dist(device=device))
+    r["build_s"] = time.perf_counter() - t0
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(n: int) -> float:  # seconds per train_step, over the same steps every time (the same t's drawn)
+        d.step = 0
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            d.train_step()
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    r["first_step_s"] = timed(1)  # warm-up: every code path once (cuDNN's autotuning, the lazy allocations)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        timed(1)
+    r["sdpa_kernels"] = sdpa_kernels(prof)
+    r["sdpa_kernel"] = max(r["sdpa_kernels"], key=r["sdpa_kernels"].get) if r["sdpa_kernels"] else None
+    held = storages(d.teacher, d.student, d.ema, d.disc, d.pipe.autoencoder, d.pipe.encoder,
+                    *(opt.state for opt in (d.opt_g, d.opt_d) if opt is not None))
+    r["static_gib"] = (torch.cuda.memory_allocated(device) if cuda else  # held between steps
+                       sum({st._cdata: st.nbytes() for st in held}.values())) / GiB
+    r["eager_s_per_it"], r["peak_gib"] = timed_peak(timed, steps, device, held)
+    # torch.compile of the teacher (what --compile does at build): its first call compiles
+    r["compile_backend"] = compile_backend
+    if left() > max(90.0 if cuda else 20.0, 4 * r["eager_s_per_it"]):
+        d.teacher_fn = torch.compile(d.teacher, backend=compile_backend)
+        r["compile_s"] = timed(1) - r["eager_s_per_it"]
+        if left() > 2 * steps * r["eager_s_per_it"]:
+            r["compiled_s_per_it"], r["compiled_peak_gib"] = timed_peak(timed, steps, device, held)
+    else:
+        r["compile_skipped"] = f"{left():.0f} s of the budget left"
+    return cfg
+
+
+def render_check(r: dict, p: Plan | None) -> str:
+    """The check's Markdown page: the table, then the plan of the same run."""
+    def f(v):
+        return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
     size = "toy size (--tiny, CPU)" if r["tiny"] else "SD-1.5 size"
     lines = [f"# GPU check: the t2i iteration at {size}, random weights", "",
              f"`python scale.py check{' --tiny' if r['tiny'] else ''}`: device **{r['device']}**, torch {r['torch']}, "
-             f"micro-batch {r['micro_batch']} (accumulation 1), Imagine Flash t2i preset (k = 8, CFG, U-Net "
-             "discriminator, gradient checkpointing), bf16 on CUDA.", "",
-             "| measure | value |", "|---|---|",
-             f"| SDPA kernel (calls per iteration) | {r['sdpa_kernel']} ({r['sdpa_kernels']}) |",
-             f"| s/it, eager | {f(r['eager_s_per_it'])} |",
-             f"| s/it, teacher compiled ({r.get('compile_backend', '—')}) | {f(r['compiled_s_per_it'])} |",
-             f"| compile time, s | {f(r['compile_s'])} {r.get('compile_skipped', '')} |",
-             f"| peak memory, GiB (max_memory_allocated), eager / compiled | {f(r['peak_gib'])} / "
-             f"{f(r['compiled_peak_gib'])} |",
-             f"| memory held between steps, GiB (memory_allocated) | {f(r['static_gib'])} |",
-             f"| plan, GiB (static {r['plan_static_gib']:.2f} + activations {r['plan_activations_gib']:.2f}) | "
-             f"{r['plan_gib']:.3f} |",
-             f"| measured ÷ plan | {f(r['measured_over_plan'])} |",
-             f"| write folder / build / first step, s | {r['write_folder_s']:.1f} / {r['build_s']:.1f} / "
-             f"{r['first_step_s']:.1f} |", "",
-             "The plan of this run (`scale.py plan` arithmetic for 1 GPU at this layout and micro-batch):", "", "```",
-             render_plan(p, "this check's run"), "```", ""]
+             f"micro-batch {r['micro_batch']} (accumulation 1), Imagine Flash's t2i preset (k = 8 teacher steps with CFG, "
+             "U-Net discriminator, gradient checkpointing; bf16 on CUDA).", ""]
+    if r["error"]:
+        lines += [f"**The check stopped: {r['error']}**", ""]
+    lines += ["| measure | value |", "|---|---|",
+              f"| SDPA kernel (calls per iteration) | {r['sdpa_kernel']} ({r.get('sdpa_kernels')}) |",
+              f"| s/it, eager / teacher compiled ({r.get('compile_backend')}) | {f(r['eager_s_per_it'])} / "
+              f"{f(r['compiled_s_per_it'])} |",
+              f"| compile time, s | {f(r['compile_s'])} {r.get('compile_skipped', '')} |",
+              f"| achieved TFLOP/s, eager / compiled (bench.py's count: {f(r.get('tflop_per_it'))} TFLOP/it) | "
+              f"{f(r.get('eager_tflops'))} / {f(r.get('compiled_tflops'))} |",
+              f"| peak memory, GiB (max_memory_allocated), eager / compiled | {f(r['peak_gib'])} / "
+              f"{f(r['compiled_peak_gib'])} |",
+              f"| held between steps, GiB (memory_allocated) | {f(r['static_gib'])} |"]
+    if p is not None:
+        lines += [f"| plan, GiB: static {r['plan_static_gib']:.2f} + activations {r['plan_activations_gib']:.2f} | "
+                  f"{r['plan_gib']:.3g} |", f"| measured peak ÷ plan | {f(r['measured_over_plan'])} |",
+                  f"| a step adds to what is held, GiB: measured / plan (activations … + gradients) | "
+                  f"{f(r['step_adds_gib'])} / {f(r['plan_activations_gib'])} … "
+                  f"{f(r['plan_activations_gib'] + r['plan_gradients_gib'])} |"]
+    lines += [f"| write folder / build / first step, s | {f(r.get('write_folder_s'))} / {f(r.get('build_s'))} / "
+              f"{f(r.get('first_step_s'))} |", ""]
+    if p is not None:
+        lines += ["The plan of the same run (`scale.py plan` for 1 GPU at this layout and micro-batch; it counts the "
+                  "gradients throughout, which the run frees between steps):", "", "```",
+                  render_plan(p, "this check's run"), "```", ""]
     return "\n".join(lines)
 
 

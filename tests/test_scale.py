@@ -205,6 +205,10 @@ def test_check_tiny_runs_end_to_end_and_writes_its_files(tmp_path, capsys):
     assert r["device"] == "cpu (--tiny)" and r["sdpa_kernel"] == "flash" and r["sdpa_kernels"]["flash"] > 0
     assert r["eager_s_per_it"] > 0 and r["compiled_s_per_it"] > 0 and r["compile_s"] is not None
     assert r["plan_gib"] == pytest.approx(r["plan_static_gib"] + r["plan_activations_gib"])
+    # the real train_step (LiveBytes on CPU tensors) adds to what is held between steps at least the plan's measured
+    # activations (its mirror of the iteration) and at most those + the gradients, which the run frees between steps
+    assert r["plan_activations_gib"] <= r["step_adds_gib"] <= r["plan_activations_gib"] + r["plan_gradients_gib"]
+    assert 0.5 < r["measured_over_plan"] <= 1.0
     md = (tmp_path / "gpu_check.md").read_text()
     assert "# GPU check" in md and "cpu (--tiny)" in md and "total per GPU" in md
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.md"]

@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 DEMO   ?= runs/demo
 METHODS ?= imagine_flash,dmd2,emd,lcm,add,step_distill
 
-.PHONY: setup demo compare icons icons-bench test clean
+.PHONY: setup demo compare icons icons-bench gpu-check test clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ icons-bench: icons
 	$(PY) train.py --preset icons --resume auto --threads $(THREADS)
 	$(PY) compare.py --teacher runs/icons/teacher --preset icons --methods imagine_flash,dmd2 --minutes $(ICONS_MINUTES) \
 	    --data $(ICONS)/train --reference $(ICONS)/heldout --out runs/icons/compare --threads $(THREADS)
+
+# The GPU check (README, "Memory plan and GPU check"): one GPU, about 8 minutes, random weights, nothing downloaded: the
+# t2i iteration at SD-1.5 size (which SDPA kernel, s/it with and without a compiled teacher, peak memory vs the plan).
+gpu-check: setup
+	$(PY) scale.py check --minutes 8 --out docs
 
 test: setup
 	$(PY) -m pytest

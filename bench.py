@@ -368,7 +368,7 @@ def bench_distill(b, tmp: str) -> list:
     switches = cfg_switch_rows(b, info["distiller"], 3 if b.quick else 5)
     for name, n in (("toy", batch), ("ddpm_cifar10", CKPT_CIFAR10_BATCH[b.key])):
         switches += checkpointing_rows(b, name, n, 1 if b.quick else 3)
-    ckpt = breakdown(b, tmp, "toy", "toy", batch, 1, grad_ckpt=True)[0] if b.cuda else None
+    ckpt = breakdown(b, tmp, "toy", "toy", batch, 1, grad_ckpt="block")[0] if b.cuda else None
     switches += [{"switch": "gradient checkpointing", "setting": "whole iteration, peak MB", "note": NO_GPU} if not b.cuda
                  else {"switch": "gradient checkpointing", "setting": "on, whole iteration", "peak MB": ckpt["peak_mb"],
                        "vs default": ckpt["peak_mb"] / info["peak_mb"], "note": f"toy, batch {batch}"}]
@@ -423,7 +423,7 @@ def count_flops(fn) -> float:
 def nfe_per_sample(cfg, conditional: bool) -> tuple[float, float]:
     """Work per sample per iteration in U-Net forwards and encoder (discriminator) forwards. A backward costs 2
     forwards; gradient checkpointing recomputes each trained forward once more."""
-    recompute = 1 if cfg.grad_ckpt else 0
+    recompute = 0 if cfg.grad_ckpt == "off" else 1
     rollout = statistics.mean(sum(s > t for s in cfg.timesteps) for t in cfg.timesteps)  # Eq. 7, no grad
     teacher = cfg.k * (2 if conditional and cfg.cfg_scale != 1 else 1)  # Eq. 8: k steps × CFG
     # G step: D(x̂_0) and a backward to its input only (D frozen: ~1 forward); D step: D(real), D(fake), full backward

@@ -60,7 +60,7 @@ def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
         return grad.float().pow(2).flatten(1).sum(1)
 
 
-def make_discriminator(kind: str, teacher_unet: nn.Module, encoder, vit: str, grad_ckpt: bool, device):
+def make_discriminator(kind: str, teacher_unet: nn.Module, encoder, vit: str, grad_ckpt: str, device):
     """The discriminator a method's config asks for: "unet" (a trainable copy of the teacher's encoder + heads, fp32),
     "projected" (heads on the frozen ViT at `vit`, conditioned with the encoder's width) or "none" (None)."""
     if kind == "unet":

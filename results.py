@@ -20,7 +20,8 @@ METRICS = ("toy_fd", "judge_fd", "label_acc", "word_auc", "fid", "fid_tf", "clip
 
 
 # fields that say how a run ran, not what it made: a cached student made with other values is still the same student
-HOW_IT_RAN = {"resume", "overwrite", "out", "device", "threads", "dist_timeout", "log_every", "sample_every", "ckpt_every"}
+HOW_IT_RAN = {"resume", "overwrite", "out", "device", "threads", "dist_timeout", "grad_ckpt", "fsdp", "log_every",
+              "sample_every", "ckpt_every"}
 
 
 def check_cached(out: str, cfg, preset: str, method: str, teacher_fp: str) -> None:

@@ -71,7 +71,7 @@ PRESETS = {
     "t2i": Config(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/add",
                   steps=15000, global_batch=256, micro_batch=8, lr=5e-6, lr_disc=1e-4, cfg_scale=7.5, lambda_adv=0.2,
                   ema_decay=0.999, toy_images=0, log_every=50, sample_every=1000, ckpt_every=1000, bf16=True,
-                  grad_ckpt=True),
+                  grad_ckpt="layer"),
 }
 
 

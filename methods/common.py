@@ -59,7 +59,7 @@ class RunConfig:
     overwrite: bool = arg(False, "replace the run already in --out (its checkpoint and log are removed)")
     device: str = arg("auto", "auto | cpu | cuda")
     bf16: bool = arg(False, "bf16 autocast (CUDA) and bf16 frozen networks")
-    grad_ckpt: bool = arg(False, "gradient checkpointing in the trainable networks")
+    grad_ckpt: str = arg("off", "gradient checkpointing in the trainable networks: off | block (each U-Net block recomputed in the backward) | layer (each ResNet and transformer layer: the same recompute, less memory; docs/grad_ckpt.md)")
     compile: bool = arg(False, "torch.compile the teacher U-Net")
     threads: int = arg(0, "torch threads per process (0: fit the machine: OMP_NUM_THREADS, else the CPUs less the load "
                           "of other work; docs/threads.md)")
@@ -96,6 +96,8 @@ def validate_run(cfg: RunConfig) -> None:
         raise ValueError(f"--timesteps must be distinct, descending, in [0, 999]; got {cfg.timesteps}")
     if not 0 <= cfg.first_t < 1000:
         raise ValueError(f"--first-t must be in [0, 999]; got {cfg.first_t}")
+    if cfg.grad_ckpt not in ("off", "block", "layer"):
+        raise ValueError(f"--grad-ckpt must be off, block or layer; got {cfg.grad_ckpt!r}")
 
 
 class Distiller:

@@ -80,7 +80,7 @@ PRESETS = {
     "t2i": Config(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/dmd2",
                   timesteps=(999, 749, 499, 249), steps=15000, global_batch=256, micro_batch=8, lr=5e-6, lr_fake=5e-6,
                   ratio=10, cfg_scale=1.75, gan_weight=1e-3, ema_decay=0.999, toy_images=0, log_every=50,
-                  sample_every=1000, ckpt_every=1000, bf16=True, grad_ckpt=True),
+                  sample_every=1000, ckpt_every=1000, bf16=True, grad_ckpt="layer"),
 }
 
 

@@ -77,7 +77,7 @@ PRESETS = {
     "t2i": Config(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/emd",
                   steps=15000, global_batch=256, micro_batch=8, lr=2e-6, lr_fake=2e-6, ratio=5, cfg_scale=7.5,
                   first_t=399, langevin_steps=4, ema_decay=0.999, toy_images=0,
-                  log_every=50, sample_every=1000, ckpt_every=1000, bf16=True, grad_ckpt=True),
+                  log_every=50, sample_every=1000, ckpt_every=1000, bf16=True, grad_ckpt="layer"),
 }
 
 

@@ -77,7 +77,7 @@ PRESETS = {
     "t2i": Config(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/student",
                   steps=15000, global_batch=256, micro_batch=8, lr=5e-6, lr_disc=1e-4, cfg_scale=7.5,
                   lambda_adv=0.05, ema_decay=0.999, toy_images=0, log_every=50, sample_every=1000,
-                  ckpt_every=1000, bf16=True, grad_ckpt=True),
+                  ckpt_every=1000, bf16=True, grad_ckpt="layer"),
     # SDXL base on 8 GPUs (issue #20): 1024 px → latent 4×128×128 (the U-Net's sample_size); the condition is both CLIP
     # towers' tokens + the packed pooled / time-ids row (conditioning.SDXLTextEncoder, read from the folder). CFG 5.0
     # for the target (the guidance scale of diffusers' SDXL pipeline; not tuned here), micro-batch 4 per GPU with
@@ -89,7 +89,7 @@ PRESETS = {
     "t2i_xl": Config(teacher="stabilityai/stable-diffusion-xl-base-1.0", data="data/captions", out="runs/t2i_xl/student",
                      steps=15000, global_batch=256, micro_batch=4, lr=5e-6, lr_disc=1e-4, cfg_scale=5.0,
                      lambda_adv=0.05, ema_decay=0.999, toy_images=0, log_every=50, sample_every=1000,
-                     ckpt_every=1000, bf16=True, grad_ckpt=True, fsdp=True),
+                     ckpt_every=1000, bf16=True, grad_ckpt="layer", fsdp=True),
     # a small pixel-space text-to-image teacher of your own (train.py --preset t2i_small), 32×32, one GPU
     "t2i_small": Config(teacher="runs/t2i_small/teacher", data="data/captions", out="runs/t2i_small/student",
                         steps=5000, global_batch=128, micro_batch=64, lr=1e-5, cfg_scale=4.0, lambda_adv=0.1,

@@ -76,7 +76,7 @@ PRESETS = {
     # w = 8 (the middle of LCM's range, in this repository's convention).
     "t2i": Config(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", data="data/captions", out="runs/t2i/lcm",
                   steps=15000, global_batch=256, micro_batch=8, lr=8e-6, cfg_scale=8.0, ema_decay=0.999,
-                  toy_images=0, log_every=50, sample_every=1000, ckpt_every=1000, bf16=True, grad_ckpt=True),
+                  toy_images=0, log_every=50, sample_every=1000, ckpt_every=1000, bf16=True, grad_ckpt="layer"),
 }
 
 

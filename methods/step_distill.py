@@ -83,7 +83,7 @@ PRESETS = {
                   out="runs/t2i/step_distill", stage1_steps=3000, start_steps=32, final_steps=4, steps_per_round=4000,
                   steps=15000, timesteps=(999, 749, 499, 249), global_batch=256, micro_batch=8, lr=5e-6,
                   cfg_scale=7.5, ema_decay=0.999, toy_images=0, log_every=50, sample_every=1000, ckpt_every=1000,
-                  bf16=True, grad_ckpt=True),
+                  bf16=True, grad_ckpt="layer"),
 }
 
 

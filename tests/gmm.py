@@ -2,7 +2,9 @@
 
 Data x_0 ~ Σ_k π_k N(μ_k, s² I). With x_t = α x_0 + σ ε (Eq. 1), x_t | k ~ N(α μ_k, v I), v = α² s² + σ², so
     E[x_0 | x_t] = Σ_k r_k(x_t) (μ_k + α s² / v · (x_t − α μ_k)),   r_k ∝ π_k exp(−|x_t − α μ_k|² / 2v)
-and the MMSE noise prediction is ε̂ = (x_t − α E[x_0 | x_t]) / σ.
+and the MMSE noise prediction is ε̂ = (x_t − α E[x_0 | x_t]) / σ. The noisy marginal's density is closed form too,
+    log p_t(x_t) = logsumexp_k (log π_k − D/2 log(2π v) − |x_t − α μ_k|² / 2v),
+so tests can take ∇ log p_t (= −ε̂/σ) or differences of log-densities by autograd, independently of ε̂.
 """
 import torch
 
@@ -34,6 +36,17 @@ class GaussianMixture:
         x = x_t.double()
         alpha, sigma = schedule.alpha_sigma(t, x)
         return ((x - alpha * self.x0_hat(schedule, x, t)) / sigma).to(x_t.dtype)
+
+    def log_density(self, schedule, x_t: torch.Tensor, t) -> torch.Tensor:
+        """log p_t(x_t), (B,), float64, differentiable in x_t (autograd gives the score ∇ log p_t = −ε̂/σ)."""
+        x = x_t.double()
+        t = torch.as_tensor(t).expand(x.shape[0])
+        alpha, sigma = schedule.alpha_sigma(t, x)  # (B, 1) each
+        v = alpha**2 * self.std**2 + sigma**2  # (B, 1)
+        D = x.shape[1]
+        d2 = ((x[:, None, :] - alpha[:, None] * self.means[None]) ** 2).sum(-1)  # (B, K)
+        log_comp = self.weights.log()[None] - 0.5 * D * torch.log(2 * torch.pi * v) - d2 / (2 * v)
+        return torch.logsumexp(log_comp, dim=1)
 
     def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Index of and distance to the nearest mean, per sample."""

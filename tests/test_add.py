@@ -1,7 +1,8 @@
-"""methods/add.py (Adversarial Diffusion Distillation): the distillation loss against a naive per-sample reference
-(weight α_t, the teacher's CFG written out, stop-gradient on the target), the student's input is forward-noised REAL
-data (pure noise at 999), the generator loss is λ_adv L_adv^G + λ L_distill, gradients only in the network that owns
-the step, exact resume and a command-line smoke run. Tiny random teacher (tests/toyteacher.py)."""
+"""methods/add.py (Adversarial Diffusion Distillation), against references that do not call it: the distillation loss
+per sample (weight α_t, the teacher's CFG from two forwards, stop-gradient on the target), c(t) = α_t from the β's
+written out, the student's input is forward-noised REAL data (pure noise at 999), the student's gradient in train_step
+equals ADD Eq. 5 (λ_adv L_adv^G + λ L_distill) written out from first principles, gradients only in the network that
+owns the step, exact resume and a command-line smoke run. Tiny random teacher (tests/toyteacher.py)."""
 import json
 import math
 import os
@@ -73,12 +74,23 @@ def test_distill_loss_by_hand_with_cfg_weight_and_stop_gradient(pipe):
     assert all(p.grad is None for p in teach.parameters())
 
 
-def test_weight_is_alpha_t(pipe):
-    sch = pipe.schedule
-    t = torch.tensor([0, 250, 500, 999])
-    ref = torch.tensor([math.sqrt(sch.alphas_cumprod[i].item()) for i in t.tolist()])
-    torch.testing.assert_close(add.distill_weight(sch, t), ref.float())
-    assert add.distill_weight(sch, t).diff().lt(0).all()  # more weight at low noise
+def ab_of(schedule, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """α_t, σ_t from the schedule's ᾱ table, (B, 1, 1, 1) float32 (per-sample t) or scalars (an int t)."""
+    abar = schedule.alphas_cumprod[t]
+    abar = abar.view(-1, 1, 1, 1) if abar.ndim else abar
+    return abar.sqrt().float(), (1 - abar).sqrt().float()
+
+
+def test_weight_is_alpha_t_from_the_betas(pipe):
+    """ADD Eq. 4's c(t) = α_t (the exponential weighting), α_t the x_0 coefficient of x_t = α_t x_0 + σ_t ε: computed
+    here from ᾱ_t = ∏(1 − β_s) of the scaled_linear β's written out (√β linear from √0.00085 to √0.012), not from
+    schedule.py. ᾱ_t (no root) or σ_t in its place differs by > 5 % at every t below."""
+    assert pipe.schedule.kind == "scaled_linear" and pipe.schedule.T == 1000
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    t = torch.tensor([0, 250, 500, 750, 999])
+    torch.testing.assert_close(add.distill_weight(pipe.schedule, t), abar[t].sqrt().float(), rtol=1e-6, atol=1e-7)
+    assert add.distill_weight(pipe.schedule, t).diff().lt(0).all()  # more weight at low noise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,19 +121,31 @@ def test_student_input_is_forward_noised_real_data(teacher, tmp_path, monkeypatc
 
 
 def test_generator_gradient_is_lambda_adv_adv_plus_lambda_distill(teacher, tmp_path, monkeypatch):
+    """The student's gradient in train_step against ADD Eq. 5 written out from first principles: α/σ from ᾱ, the
+    student's and the teacher's ε̂ called directly (CFG from two forwards), Eq. 1 / 5 typed out, c(t) = α_t, the
+    teacher's target and the adversarial input as the paper defines them. Nothing of methods/ is called."""
     lam, lam_adv = 2.5, 0.7
     d = build(teacher, tmp_path, "--lambda-distill", str(lam), "--lambda-adv", str(lam_adv))
-    d.step = step = step_with(d.cfg, 750)
-    # the reference, from the pieces (each tested on its own above), before the step moves D:
-    # L = λ_adv L_adv^G + λ L_distill (ADD Eq. 5)
+    cfg, sch = d.cfg, d.schedule
+    d.step = step = step_with(cfg, 750)
+    # the reference, before the step moves D
     d.disc.requires_grad_(False)
-    dr = add.draw_iteration(d.cfg, step, d.source.n, d.latent_shape, d.schedule.T)
-    cond, null, x0_real = d.conditions(dr["idx"])
-    x_s = d.schedule.q_sample(x0_real, dr["eps"], 750)
-    x0 = common.student_x0(d.student, d.schedule, x_s, 750, cond, d.cfg.first_t)
-    target = add.distill_target(d.teacher, d.schedule, x0, dr["eps_prime"], dr["t"], cond, null, d.cfg.cfg_scale)
-    adv = -d.disc(d.schedule.q_sample(x0, dr["eps_fake"], dr["s_disc"]), dr["s_disc"], cond)  # hinge G: −D
-    (lam_adv * adv + lam * add.distill_loss(d.schedule, x0, target, dr["t"])).mean().backward()
+    dr = add.draw_iteration(cfg, step, d.source.n, d.latent_shape, sch.T)
+    images, labels = d.source.get(dr["idx"])  # the real images (pixel space: no autoencoder) and their labels
+    B = images.shape[0]
+    cond, null = d.pipe.encoder(labels), d.pipe.encoder.null(B)
+    a_s, s_s = ab_of(sch, 750)
+    x_s = a_s * images + s_s * dr["eps"]  # ADD §3.2: the real images forward-noised to s = 750 (Eq. 1)
+    x0 = (x_s - s_s * d.student(x_s, torch.full((B,), 750), cond)) / a_s  # x̂_θ, Eq. 5, with gradient
+    a_t, s_t = ab_of(sch, dr["t"])
+    with torch.no_grad():  # the target: the CFG teacher's x̂_0 at sg(x̂_θ) re-noised to t
+        x_t = a_t * x0 + s_t * dr["eps_prime"]
+        e_c, e_u = d.teacher(x_t, dr["t"], cond), d.teacher(x_t, dr["t"], null)
+        target = (x_t - s_t * (e_u + cfg.cfg_scale * (e_c - e_u))) / a_t
+    distill = a_t.flatten() * (x0 - target).pow(2).mean((1, 2, 3))  # c(t) d(x̂_θ, x̂_ψ), c(t) = α_t
+    a_d, s_d = ab_of(sch, dr["s_disc"])
+    adv = -d.disc(a_d * x0 + s_d * dr["eps_fake"], dr["s_disc"], cond)  # hinge G loss −D(x̂_θ noised to s)
+    (lam_adv * adv + lam * distill).mean().backward()
     ref = {n: p.grad.clone() for n, p in d.student.named_parameters()}
     d.student.zero_grad(set_to_none=True)
     grads = {}

@@ -174,7 +174,9 @@ class AsOnGPU(TorchFunctionMode):
       bf16=True   CUDA's autocast policy for the ops these networks call: convolutions, linear layers, matmuls and
                   attention take bf16 copies of floating inputs; group/layer norm and softmax compute in fp32. An fp32
                   leaf that requires grad (a trainable weight) is cast once and the copy kept until the region ends
-                  (autocast's weight cache: it holds a bf16 copy of the student from the rollout to the backward).
+                  (autocast's weight cache: it holds a bf16 copy of the student from the rollout to the backward;
+                  the copy keeps its link to the fp32 weight, so a forward with grad after a no_grad one still reaches
+                  the weights, pytorch/pytorch#165068).
       flash=True  attention through a flash kernel (saves q, k, v, the output and a log-sum-exp row, never the L × L
                   matrix); on meta, SDPA would pick the math kernel. The flash kernel for CPU stands in for the GPU's
                   (flash and memory-efficient save the same tensors)."""
@@ -192,8 +194,9 @@ class AsOnGPU(TorchFunctionMode):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == dtype:
             return x
         if dtype == torch.bfloat16 and x.is_leaf and x.requires_grad:
-            if x not in self.cache:
-                self.cache[x] = x.to(dtype)
+            if x not in self.cache:  # made with its gradient history even under no_grad, as torch ≥ 2.10 does
+                with torch.enable_grad():
+                    self.cache[x] = x.to(dtype)
             return self.cache[x]
         return x.to(dtype)
 
@@ -229,10 +232,13 @@ def autocast_as_on_gpu(device_type, dtype=None, enabled=True, cache_enabled=None
 
 def checkpoint_as_on_gpu(mode: AsOnGPU):
     """unet.checkpoint under `mode`: the recomputation in the backward pass runs as the forward did (torch.utils.
-    checkpoint restores autocast there; a function mode is not active in the backward, so the function re-enters it)."""
+    checkpoint restores autocast there; a function mode does not reach the backward, so the function re-enters it).
+    On CUDA the backward runs on autograd's own thread, whose autocast weight cache is its own (thread-local): a
+    recomputed piece casts its weights again and drops the copies when it is done; so does the emulation."""
     def run(fn, *args, **kwargs):
         def under_mode(*a, **kw):
-            with AsOnGPU(mode.bf16, mode.flash, mode.cache):
+            in_backward = not torch.overrides._get_current_function_mode_stack()
+            with AsOnGPU(mode.bf16, mode.flash, {} if in_backward else mode.cache):
                 return fn(*a, **kw)
         return torch.utils.checkpoint.checkpoint(under_mode, *args, **kwargs)
     return run
@@ -494,22 +500,26 @@ def verdict(p: Plan) -> str:
 
 
 def knobs(layout: Layout, cfg, gpus: int, shard: str, budget: float, unit: str) -> list[tuple[str, Plan]]:
-    """Settings that bring an over-budget plan under, each planned (measured) in turn: per-layer checkpointing where
-    unet.py has it, FSDP2 per layer, then halving the micro-batch (the global batch stays: accumulation doubles)."""
+    """Settings that bring an over-budget plan under, each planned (measured) in turn and kept for the next: per-layer
+    checkpointing where unet.py has it, FSDP2 (on several GPUs) per layer, the latent cache (no VAE encode), then
+    halving the micro-batch (the global batch stays: accumulation doubles). Stops at the first that fits."""
     tried = []
     if ckpt_name(cfg.grad_ckpt) != "layer" and "layer" in getattr(unet_module, "CHECKPOINTING", ()):
-        tried.append(("--grad-ckpt layer", dataclasses.replace(cfg, grad_ckpt="layer"), unit))
-        cfg = dataclasses.replace(cfg, grad_ckpt="layer")
-    if shard == "fsdp2" and unit == "block":
-        tried.append(("--fsdp-unit layer", cfg, "layer"))
-        unit = "layer"
+        tried.append(("--grad-ckpt layer", dict(grad_ckpt="layer"), {}))
+    if shard == "ddp" and gpus > 1:
+        tried.append(("--shard fsdp2", {}, dict(shard="fsdp2", unit="layer")))
+    elif shard == "fsdp2" and unit == "block":
+        tried.append(("--fsdp-unit layer", {}, dict(unit="layer")))
+    if layout.vae is not None and not cfg.latent_cache:
+        tried.append(("--latent-cache", dict(latent_cache="cache"), {}))
     b = cfg.micro_batch
     while b > 1:
         b //= 2
-        tried.append((f"--micro-batch {b}", dataclasses.replace(cfg, micro_batch=b), unit))
-    out = []
-    for name, c, u in tried:
-        p = plan(layout, c, gpus, shard, budget, u)
+        tried.append((f"--micro-batch {b}", dict(micro_batch=b), {}))
+    out, how = [], dict(shard=shard, unit=unit)
+    for name, fields, setting in tried:
+        cfg, how = dataclasses.replace(cfg, **fields), {**how, **setting}
+        p = plan(layout, cfg, gpus, how["shard"], budget, how["unit"])
         out.append((name, p))
         if p.fits:
             break
@@ -769,7 +779,7 @@ def main(argv=None) -> int:
     pp.add_argument("--teacher", default="", help="a local teacher folder: its configs instead of the preset's layout")
     pp.add_argument("--micro-batch", type=int, default=None, help="default: the preset's")
     pp.add_argument("--gpus", type=int, default=8)
-    pp.add_argument("--shard", choices=("ddp", "fsdp2"), default="ddp")
+    pp.add_argument("--shard", choices=("ddp", "fsdp2"), default=None, help="default: the preset's (fsdp: fsdp2)")
     pp.add_argument("--fsdp-unit", choices=tuple(FSDP_UNITS), default="layer",
                     help="what FSDP2 gathers one at a time: each ResNet / transformer layer (sharding.py) or each block")
     pp.add_argument("--grad-ckpt", choices=("off", "block", "layer"), default=None, help="default: the preset's")
@@ -810,13 +820,14 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}")
         return 2
-    p = plan(layout, cfg, args.gpus, args.shard, args.budget_gb, args.fsdp_unit)
+    shard = args.shard or ("fsdp2" if getattr(cfg, "fsdp", False) else "ddp")
+    p = plan(layout, cfg, args.gpus, shard, args.budget_gb, args.fsdp_unit)
     print(render_plan(p, f"--preset {args.preset}" + (f" --teacher {args.teacher}" if args.teacher else "")))
     print()
     print(verdict(p))
     if not p.fits:
-        for name, q in knobs(layout, cfg, args.gpus, args.shard, args.budget_gb, args.fsdp_unit):
-            print(f"  with {name}: {q.total:.1f} GiB per GPU{' (fits)' if q.fits else ''}")
+        for name, q in knobs(layout, cfg, args.gpus, shard, args.budget_gb, args.fsdp_unit):
+            print(f"  + {name}: {q.total:.1f} GiB per GPU{' (fits)' if q.fits else ''}")
     return 0
 
 

@@ -1,10 +1,12 @@
-"""schedule.py and sampler.py: Eq. 1, 4, 5, 9 checked on a perfect teacher, and against diffusers' schedulers."""
+"""schedule.py and sampler.py: Eq. 1, 4, 5, 9 checked on a perfect teacher, against diffusers' schedulers, and the
+students' samplers (first-step conditioning time first_t, re-noising, the training rollout) against a loop written out
+here with a model that records the times it is told."""
 import pytest
 import torch
 
 from gmm import GaussianMixture
-from sampler import (ddim_step, eps_fn_for, guided_eps, linspace, sample, sample_dpmpp, student_timesteps, trailing,
-                     uniform)
+from sampler import (ddim_step, eps_fn_for, guided_eps, linspace, sample, sample_dpmpp, student_sample,
+                     student_timesteps, trailing, uniform)
 from schedule import VPSchedule
 from toyteacher import gen
 
@@ -94,6 +96,33 @@ def mixture_stats(mixture, x):
     return (x.mean(0) - mixture.means.mean(0)).norm().item(), x.std(0).mean().item(), frac, within
 
 
+def ddim_by_hand(eps_of, abar, x_T, timesteps, first_t=None, t_end=-1, noise_correction=False, renoise=None):
+    """The students' samplers written out one step at a time, from ᾱ alone. At step i the network is told
+    t_c = first_t if i = 0 and t = 999 (the step from pure noise), else t_c = t, and
+        x̂_0 = (x − σ_{t_c} ε̂(x, t_c)) / α_{t_c}                                       (Eq. 5 at t_c)
+        DDIM     x_next = α_next x̂_0 + σ_next ε_dir                                    (Eq. 4)
+                 ε_dir = x_T at the first step from noise with noise correction (Eq. 9), else the noise x̂_0 leaves
+                 in x at the TRUE t, (x − α_t x̂_0)/σ_t (= ε̂ whenever t_c = t)
+        renoise  x_next = α_next x̂_0 + σ_next ε_fresh (a fresh draw from `renoise`, CPU)
+    the last step going to t_end (−1: x̂_0). eps_of(x, t) takes a Python int t."""
+    a, s = (lambda t: abar[t].sqrt()), (lambda t: (1 - abar[t]).sqrt())
+    x = x_T
+    for i, t in enumerate(timesteps):
+        t_c = first_t if (first_t is not None and i == 0 and t == 999) else t
+        x0 = (x - s(t_c) * eps_of(x, t_c)) / a(t_c)
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else t_end
+        if t_next < 0:
+            return x0
+        if renoise is not None:
+            direction = torch.randn(x.shape, generator=renoise).to(x.dtype)
+        elif noise_correction and i == 0 and t == 999:
+            direction = x_T
+        else:
+            direction = (x - a(t) * x0) / s(t)
+        x = a(t_next) * x0 + s(t_next) * direction
+    return x
+
+
 def test_many_step_ddim_reproduces_the_mixture_and_3_steps_do_not(mixture):
     sch = VPSchedule("linear")  # ᾱ_T ≈ 4e-5: x_T ~ N(0, I) is the true t = 999 marginal to 1e-2
     x0, _ = mixture.sample(4000, gen(3))
@@ -124,8 +153,10 @@ def test_ddim_step_is_eq4_and_ends_with_x0(mixture):
     torch.testing.assert_close(ddim_step(sch, x, eps, 750, -1), x0_hat)
     # the rollout form: stop at t_end instead of going to x̂_0; an empty list returns x_T unchanged
     fn = lambda x, t: mixture.eps(sch, x, t)  # noqa: E731
-    to_500 = sample(fn, sch, x, [999, 750], t_end=500)
-    torch.testing.assert_close(sample(fn, sch, to_500, [500]), sample(fn, sch, x, [999, 750, 500]))
+    by_hand = lambda ts, t_end=-1: ddim_by_hand(lambda x, t: mixture.eps(sch, x, t), sch.alphas_cumprod, x, ts,  # noqa: E731
+                                                t_end=t_end)
+    torch.testing.assert_close(sample(fn, sch, x, [999, 750], t_end=500), by_hand([999, 750], 500))
+    torch.testing.assert_close(sample(fn, sch, x, [999, 750, 500]), by_hand([999, 750, 500]))
     assert sample(fn, sch, x, [], t_end=999) is x
 
 
@@ -135,9 +166,11 @@ def test_noise_correction_with_true_noise_changes_nothing():
     x_T = torch.randn(16, 8, generator=gen(6), dtype=torch.float64)
     # an ε̂ that is exact where Eq. 9 assumes x_T = ε: ε̂(x_T, 999) = x_T, anything at later steps
     perfect = lambda x, t: x_T if t[0] == 999 else torch.tanh(x)  # noqa: E731
+    plain = lambda x, t: x_T if t == 999 else torch.tanh(x)  # noqa: E731  (the same, told a Python int)
     for ts in ([999, 750, 500], [999, 666], [999]):
-        torch.testing.assert_close(sample(perfect, sch, x_T, ts, noise_correction=True),
-                                   sample(perfect, sch, x_T, ts, noise_correction=False), rtol=0, atol=0)
+        ref = ddim_by_hand(plain, sch.alphas_cumprod, x_T, ts)  # plain DDIM, no correction
+        for nc in (True, False):
+            torch.testing.assert_close(sample(perfect, sch, x_T, ts, noise_correction=nc), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_noise_correction_removes_the_bias_term_exactly(mixture):
@@ -153,11 +186,89 @@ def test_noise_correction_removes_the_bias_term_exactly(mixture):
     # Eq. 9 vs Eq. 4: they differ by exactly σ_{t'} · (ε̂ − x_T) after the first step
     torch.testing.assert_close(plain - corrected, sigma_next * (eps_hat - x_T), rtol=0, atol=1e-12)
     # ... and only the first step differs: the rest of the trajectory is plain DDIM from the corrected point
+    by_int = lambda x, t: mixture.eps(sch, x, t) + (bias if t == 999 else 0.0)  # noqa: E731
     full = sample(biased, sch, x_T, [999, 750, 500], noise_correction=True)
-    torch.testing.assert_close(full, sample(biased, sch, corrected, [750, 500]), rtol=0, atol=0)
+    torch.testing.assert_close(full, ddim_by_hand(by_int, sch.alphas_cumprod, x_T, [999, 750, 500], noise_correction=True),
+                               rtol=1e-10, atol=1e-10)
     # a trajectory that does not start from pure noise (t ≠ 999) is not touched
     torch.testing.assert_close(sample(biased, sch, x_T, [750, 500], noise_correction=True),
-                               sample(biased, sch, x_T, [750, 500]), rtol=0, atol=0)
+                               ddim_by_hand(by_int, sch.alphas_cumprod, x_T, [750, 500]), rtol=1e-10, atol=1e-10)
+
+
+# --- the first step's conditioning time (sampler.cond_time): what the demo trains and samples with ----------------
+def told_eps(x: torch.Tensor, t: int) -> torch.Tensor:
+    """A deterministic ε̂ that depends on x and on the time it is told (so a wrong time changes the numbers)."""
+    return torch.tanh(0.7 * x + 0.5) * (0.5 + t / 1000) + 0.1 * torch.sin(3 * x + t / 100)
+
+
+class Recorder:
+    """told_eps as a model, model(x_t, t, cond) or eps_fn(x_t, t): records the time it is told at every call."""
+
+    def __init__(self):
+        self.told = []
+
+    def __call__(self, x, t, cond=None):
+        assert t.shape == (x.shape[0],) and bool((t == t[0]).all())
+        self.told.append(int(t[0]))
+        return told_eps(x, int(t[0]))
+
+
+@pytest.mark.parametrize("noise_correction", [False, True])
+def test_sample_with_first_t_equals_the_loop_by_hand(noise_correction):
+    sch = VPSchedule("scaled_linear")
+    x_T = torch.randn(8, 6, generator=gen(14), dtype=torch.float64)
+    for ts, t_end, first_t, told in [
+        ([999, 750, 500, 250], -1, 666, [666, 750, 500, 250]),  # told 666 at the first step only
+        ([999, 750, 500], 250, 666, [666, 750, 500]),  # the rollout form, stopping at x_250
+        ([750, 500], -1, 666, [750, 500]),  # not from pure noise: first_t does not apply
+        ([999, 750, 500], -1, None, [999, 750, 500]),  # the paper
+        ([999, 750, 500], -1, 999, [999, 750, 500]),  # first_t = 999 is the paper too
+    ]:
+        rec = Recorder()
+        x = sample(rec, sch, x_T, ts, noise_correction=noise_correction, t_end=t_end, first_t=first_t)
+        assert rec.told == told, (ts, first_t)
+        ref = ddim_by_hand(told_eps, sch.alphas_cumprod, x_T, ts, first_t, t_end, noise_correction)
+        torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_student_sample_follows_its_spec_with_first_t():
+    """student_sample as an exported student's pipeline.json sets it: DDIM (noise correction on by default) or the
+    re-noising sampler, the first n timesteps, first_t at the first step."""
+    sch = VPSchedule("scaled_linear")
+    x_T = torch.randn(8, 6, generator=gen(15), dtype=torch.float64)
+    ts = [999, 750, 500, 250]
+    rec = Recorder()
+    x = student_sample(rec, sch, x_T, {"kind": "ddim", "timesteps": ts, "first_t": 666}, n=3)
+    assert rec.told == [666, 750, 500]
+    ref = ddim_by_hand(told_eps, sch.alphas_cumprod, x_T, ts[:3], 666, noise_correction=True)
+    torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+    rec = Recorder()
+    x = student_sample(rec, sch, x_T, {"kind": "renoise", "timesteps": ts, "first_t": 666}, generator=gen(16))
+    assert rec.told == [666, 750, 500, 250]
+    ref = ddim_by_hand(told_eps, sch.alphas_cumprod, x_T, ts, 666, renoise=gen(16))
+    torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+    rec = Recorder()  # one step: x̂_0 of x_T told first_t
+    x = student_sample(rec, sch, x_T, {"kind": "renoise", "timesteps": [999], "first_t": 600})
+    abar = sch.alphas_cumprod[600]
+    assert rec.told == [600]
+    torch.testing.assert_close(x, (x_T - (1 - abar).sqrt() * told_eps(x_T, 600)) / abar.sqrt(), rtol=1e-10, atol=1e-10)
+
+
+def test_imagine_flash_backward_rollout_with_first_t():
+    """Eq. 7's rollout during training is the inference sampler through the timesteps above t, told first_t at its
+    first step from pure noise, with Eq. 9; at t = 999 there is nothing to roll out."""
+    from methods.imagine_flash import backward_rollout
+    sch = VPSchedule("scaled_linear")
+    x_T = torch.randn(8, 6, generator=gen(17), dtype=torch.float64)
+    for nc in (True, False):
+        rec = Recorder()
+        x = backward_rollout(rec, sch, x_T, None, 500, (999, 750, 500, 250), nc, first_t=666)
+        assert rec.told == [666, 750]
+        ref = ddim_by_hand(told_eps, sch.alphas_cumprod, x_T, [999, 750], 666, t_end=500, noise_correction=nc)
+        torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+    rec = Recorder()
+    assert torch.equal(backward_rollout(rec, sch, x_T, None, 999, (999, 750, 500, 250), True, first_t=666), x_T)
+    assert rec.told == []
 
 
 # --- cross-checks against diffusers' schedulers -------------------------------------------------------

@@ -143,7 +143,20 @@ def e_step(cfg: Config, student, teacher, fake, schedule: VPSchedule, z, eps, t,
 
 def m_step_loss(cfg: Config, student, teacher, fake, schedule: VPSchedule, z_K, eps_K, t, cond, null_cond):
     """Eq. M: the score-difference (distribution-matching) gradient at the refined x_t = α_t g_θ(z_K) + σ_t ε_K,
-    applied to g_θ(z_K) with gradient through ½‖x̂_0 − sg(x̂_0 − g)‖². Returns ((B,) surrogate, x̂_0)."""
+    applied to g_θ(z_K) with gradient through ½‖x̂_0 − sg(x̂_0 − g)‖². Returns ((B,) surrogate, x̂_0).
+
+    Not EM's own M-step (issue #19 item 2), and not checked against the paper's text: its method section (§3),
+    equation numbers and Algorithm 1 could not be read from this project's sources, so what follows is derived from
+    the EM objective, not cited. The generator's noisy joint is p_θ,t(x_t, z) = N(z; 0, I) N(x_t; α_t g_θ(z), σ_t² I);
+    EM ascends E_ρ[log p_θ,t(x_t, z)] with the E-step's samples held fixed, a Gaussian regression of x_t on
+    α_t g_θ(z) whose θ-gradient at x_t = α_t g_θ(z_K) + σ_t ε_K is w(t) (α_t/σ_t) ε_Kᵀ ∂g_θ(z_K)/∂θ. Here g_θ(z_K) is
+    pushed instead along the score difference read afresh at the refined x_t, weighted by DMD2's 1/mean|x̂_0 − x̂_0^real|
+    where EM has w(t) α_t/σ_t: the Diff-Instruct / VSD / DMD gradient moved to the E-step's (z_K, ε_K). The two meet
+    at one step: with K = 1, γ_ε = 1, γ_z → 0 and the noise cancelled, ε_1 = d(x_t) at the generator's own sample
+    (tests/test_emd.py: test_one_noise_cancelled_step_is_a_gradient_step_on_log_rho), so EM's gradient is
+    (α_t/σ_t) dᵀ ∂g/∂θ, this function at K = 0 up to the weight. At K = 0 EM's own gradient has mean zero
+    (E[ε] = 0); for K ≥ 1 (the presets) EM regresses onto ε_K ≈ (1 − γ_ε)^K ε_0 + the drifts accumulated along the
+    chain, this reads one d at the chain's end. Kept, as the module docstring says, until §3 is read."""
     x0 = generator(student, schedule, z_K, cond, cfg.first_t)  # with gradient: the one branch that trains θ
     g = dm_gradient(teacher, fake, schedule, x0, eps_K, t, cond, null_cond, cfg.cfg_scale)  # no graph, at sg(x̂_0)
     return dm_surrogate(x0, g), x0

@@ -14,9 +14,12 @@ What a preset needs on a GPU: the per-GPU memory plan of a distillation preset, 
          same code path on the CPU at toy size.
 
     python scale.py plan --preset t2i                                  # SD-1.5, 8 GPUs, DDP, micro-batch 8
-    python scale.py plan --preset t2i_xl --gpus 8 --shard fsdp2        # SDXL, FSDP2
-    python scale.py check --minutes 8 --out docs                       # docs/gpu_check.md + .json
-    python scale.py check --tiny --out runs/gpu_check_tiny
+    python scale.py plan --preset t2i_xl --gpus 8 --shard fsdp2        # SDXL, FSDP2, micro-batch 4
+    python scale.py plan --preset t2i --grad-ckpt off --micro-batch 16 # any knob; over --budget-gb, what fits
+    python scale.py check --minutes 8 --out docs                       # one GPU: docs/gpu_check.md + .json
+    python scale.py check --tiny --out runs/gpu_check_tiny             # the same code path, CPU, toy size
+
+Defaults are the preset's (micro-batch, gradient checkpointing, bf16; --shard: fsdp2 when the preset has fsdp).
 
 Memory is in GiB (2^30 bytes), as torch.cuda.max_memory_allocated() / 2**30 reads. What torch does not allocate
 (the CUDA context, NCCL's buffers) is not in the plan.
@@ -194,7 +197,7 @@ class AsOnGPU(TorchFunctionMode):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == dtype:
             return x
         if dtype == torch.bfloat16 and x.is_leaf and x.requires_grad:
-            if x not in self.cache:  # made with its gradient history even under no_grad, as torch ≥ 2.10 does
+            if x not in self.cache:  # made with its gradient history even under no_grad, as torch 2.14 does
                 with torch.enable_grad():
                     self.cache[x] = x.to(dtype)
             return self.cache[x]
@@ -432,7 +435,8 @@ def plan(layout: Layout, cfg, gpus: int = 8, shard: str = "ddp", budget: float =
     P_d = count_params(nets.disc) if nets.disc is not None else 0
     frozen = BF16 if cfg.bf16 else FP32
     rows = [("student weights (fp32 master)", P_s, FP32 * P_s / n, "÷ GPUs (sharded)" if n > 1 else ""),
-            ("student gradients (fp32)", P_s, FP32 * P_s / n, "DDP: views of its buckets" if shard == "ddp" and gpus > 1 else ""),
+            ("student gradients (fp32)", P_s, FP32 * P_s / n,
+             "DDP: views of its buckets" if shard == "ddp" and gpus > 1 else ""),
             ("student Adam moments (2 × fp32)", P_s, 2 * FP32 * P_s / n, ""),
             ("student EMA (fp32)", P_s, FP32 * P_s / n, "")]
     if shard == "ddp" and gpus > 1:
@@ -469,7 +473,8 @@ def plan(layout: Layout, cfg, gpus: int = 8, shard: str = "ddp", budget: float =
     phases["held at the student's backward"] = measured["held at the student's backward"] / GiB
     phases["of which autocast's bf16 weight copies"] = measured["autocast weight copies"] / GiB
     total = sum(r[2] for r in rows)
-    setting = (f"micro-batch {cfg.micro_batch} per GPU, {gpus} GPU(s), {shard}" + (f" ({unit} units)" if shard == "fsdp2" else "")
+    setting = (f"micro-batch {cfg.micro_batch} per GPU, {gpus} GPU(s), {shard}"
+               + (f" ({unit} units)" if shard == "fsdp2" else "")
                + f", gradient checkpointing {ckpt_name(cfg.grad_ckpt)}, {'bf16' if cfg.bf16 else 'fp32'}, "
                f"t = {heaviest_t(cfg)}, k = {cfg.k}")
     return Plan(rows, phases, total, budget, setting, FP32 * (P_s + P_d) / n / GiB)
@@ -543,12 +548,15 @@ def preset_config(preset: str, method: str = "imagine_flash", **overrides):
 # --------------------------------------------------------------------------------------------------
 # 5. the GPU check: the t2i iteration at SD-1.5 size, random weights, measured
 # --------------------------------------------------------------------------------------------------
+# --tiny: SD-1.5's layout at toy size (latents 4×8×8 of 16 px images, cross-attention to a 2-layer CLIP of width 32)
 TINY = Layout({"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
-               "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+               "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
                "block_out_channels": [16, 32], "layers_per_block": 1, "attention_head_dim": 2, "cross_attention_dim": 32,
                "norm_num_groups": 8},
               {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
-               "sample_size": 16, "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2},
+               "sample_size": 16, "down_block_types": ["DownEncoderBlock2D"] * 2,
+               "up_block_types": ["UpDecoderBlock2D"] * 2},
               {"text encoder": ("CLIPTextModel", dict(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                       num_hidden_layers=2, num_attention_heads=4,
                                                       max_position_embeddings=16, projection_dim=16,

@@ -61,7 +61,8 @@ def malloc_in_use():
     try:
         libc = ctypes.CDLL("libc.so.6")
         fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-        libc.mallinfo2.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]})
+        struct = type("mallinfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]})
+        libc.mallinfo2.restype = struct
         info = libc.mallinfo2()
     except (OSError, AttributeError):
         return None

@@ -41,6 +41,14 @@ def fp32_region(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def fp32_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) in fp32 whatever dtype its weights arrive in: under FSDP2 with --bf16 the weights a layer runs with are
+    the gathered bf16 copies of the fp32 masters, so they are cast up here too (the gradient flows back through the
+    cast to the masters). Call inside fp32_region."""
+    params = {name: p.float() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, (x.float(),))
+
+
 def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     # hinge: push real logits above +1 and fake logits below −1; (B,), fp32
     with fp32_region(logits_real):
@@ -126,9 +134,9 @@ class ConvHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = self.net[:-1](h)  # (B, hidden, h, w): bf16 under autocast
-        # the last projection and the spatial mean in fp32 (autocast off, fp32 input; the weights are fp32 masters)
+        # the last projection and the spatial mean in fp32 (autocast off, fp32 input and weights)
         with fp32_region(h):
-            return self.net[-1](h.float()).mean((1, 2, 3))  # (B,), fp32
+            return fp32_call(self.net[-1], h).mean((1, 2, 3))  # (B,), fp32
 
 
 class UNetDiscriminator(nn.Module):
@@ -169,12 +177,12 @@ class TokenHead(nn.Module):
     def forward(self, tokens: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         h = self.net(tokens.transpose(1, 2))  # (B, hidden, N): bf16 under autocast
         # the last projection, the condition's projection, their product and the means in fp32 (autocast off, fp32
-        # inputs; the weights are fp32 masters)
+        # inputs and weights)
         with fp32_region(h):
-            h = self.out(h.float())  # (B, hidden or 1, N)
+            h = fp32_call(self.out, h)  # (B, hidden or 1, N)
             if self.cond_proj is None:
                 return h.mean((1, 2))
-            cmap = self.cond_proj(c.float())  # (B, hidden)
+            cmap = fp32_call(self.cond_proj, c)  # (B, hidden)
             return ((h * cmap[:, :, None]).sum(1) / math.sqrt(self.hidden)).mean(1)  # (B,), fp32
 
 

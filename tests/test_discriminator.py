@@ -164,6 +164,25 @@ def test_logits_and_losses_are_fp32_under_bf16_autocast(teacher):
         assert d_hinge_loss(low, low).dtype == g_hinge_loss(low).dtype == torch.float32
 
 
+def test_heads_run_in_fp32_with_bf16_weights(teacher):
+    """FSDP2 with --bf16 gathers a layer's weights in bf16: the heads' fp32 region must cast them up too (else
+    "Input type (float) and bias type (BFloat16)"), and give what the fp32 weights give, to bf16's rounding of them."""
+    torch.manual_seed(0)
+    unet_disc = UNetDiscriminator(load_pipeline(teacher).unet)
+    projected = ProjectedDiscriminator(tiny_vit(), cond_dim=16)
+    x, s, cond = torch.randn(2, 3, 8, 8, generator=gen(0)), torch.tensor([10, 500]), cond_for([0, 3])
+    for disc in (unet_disc, projected):
+        ref = disc(x, s, cond)
+        heads = [m for m in disc.modules() if type(m).__name__ in ("ConvHead", "TokenHead")]
+        assert heads, type(disc).__name__
+        for head in heads:  # as FSDP2's mixed precision hands them over: bf16 copies
+            head.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = disc(x, s, cond)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, ref, rtol=0.1, atol=0.1)
+
+
 # --------------------------------------------------------------------------------------------------
 # an SDXL-layout teacher: cond (B, L + 1, D), the extras row (pooled embedding + 6 time ids) last
 # --------------------------------------------------------------------------------------------------

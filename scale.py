@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import sharding
 import unet as unet_module
 from autoencoder import AutoencoderKL
 from conditioning import pack_sdxl_cond
@@ -395,9 +396,7 @@ def measure_optimizer(params: list) -> int:
 # FSDP2's units (fully_shard on each, innermost first, then the network's root: each holds the parameters no inner
 # unit took). "layer" is what sharding.py shards: each ResNet, transformer layer and attention block, then what is left
 # of each down / mid / up block, then the root. "block": the down / mid / up blocks and the root only.
-FSDP_UNITS = {"layer": (unet_module.ResnetBlock2D, unet_module.BasicTransformerBlock, unet_module.AttnBlock,
-                        unet_module.DownBlock, unet_module.MidBlock, unet_module.UpBlock),
-              "block": (unet_module.DownBlock, unet_module.MidBlock, unet_module.UpBlock)}
+FSDP_UNITS = {"layer": sharding.UNITS, "block": (unet_module.DownBlock, unet_module.MidBlock, unet_module.UpBlock)}
 
 
 def fsdp_units(model: torch.nn.Module, unit: str) -> list[int]:

@@ -9,13 +9,15 @@ The shared runner of every distillation method (methods/): one teacher, one stud
 What it does for every method: processes (runs.launch: DDP under torchrun), the method's config from its
 preset and the flags, checkpoints and exact resume (one safetensors file), the log line, sample grids, and the
 export of the EMA student as a pipeline folder that records its method and sampler (pipeline.json), which
-evaluate.py reads. What a method does in one iteration is in its own file: methods/<method>.py, train_step.
+evaluate.py reads (with --export-at, also the EMA student as it was at given wall times: compare.py's curves).
+What a method does in one iteration is in its own file: methods/<method>.py, train_step.
 Every flag overrides the preset; `python distill.py --method M --help` lists them with the preset's values.
 """
 import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -31,11 +33,11 @@ from pipeline import save_pipeline
 
 
 # what a resumed run may change: its length, logging, learning rates (each method's lr_of) and how it runs
-# (--fsdp too: the checkpoint holds full tensors either way, see checkpoints.py); everything else (the networks,
-# the method, the data, the seed) would silently make another run: refused
+# (--fsdp too: the checkpoint holds full tensors either way, see checkpoints.py), and when it exports (--export-at);
+# everything else (the networks, the method, the data, the seed) would silently make another run: refused
 RESUME_CHANGEABLE = frozenset({"steps", "time_budget", "grad_clip", "log_every", "sample_every", "ckpt_every", "resume", "overwrite",
                                "out", "latent_cache", "device", "bf16", "grad_ckpt", "compile", "threads", "dist_timeout",
-                               "fsdp",
+                               "fsdp", "export_at",
                                "preset"})
 
 
@@ -78,6 +80,54 @@ def check(cfg) -> None:
     """The whole config, before anything is loaded or written: the method's fields, then the shared ones."""
     METHODS[method_of(cfg)].validate(cfg)
     validate_run(cfg)
+    export_points(cfg)
+
+
+def export_points(cfg) -> list[float]:
+    """--export-at as minutes: ascending and positive, else one ValueError line."""
+    try:
+        points = [float(m) for m in cfg.export_at.split(",") if m.strip()]
+    except ValueError:
+        points = None
+    if points is None or points != sorted(set(points)) or any(not 0 < m < float("inf") for m in points):
+        raise ValueError(f"--export-at must be ascending positive minutes, comma-separated (e.g. 1,2,4,6); got "
+                         f"{cfg.export_at!r}")
+    return points
+
+
+def point_folder(out: str, minutes: float) -> str:
+    """Where --export-at writes the student at `minutes` of wall time: <out>/at/<m>min/."""
+    return os.path.join(out, "at", f"{minutes:g}min")
+
+
+def point_exported(out: str, minutes: float) -> dict | None:
+    """What the export at `minutes` records (its pipeline.json's sampler["at"]: minutes, step, seconds), or None
+    when there is none yet."""
+    meta = os.path.join(point_folder(out, minutes), "pipeline.json")
+    return json.load(open(meta))["sampler"].get("at") if os.path.isfile(meta) else None
+
+
+def pending_points(cfg, resumed: bool, dist: processes.Dist) -> list[float]:
+    """The --export-at points this invocation still has to export. A fresh run: all of them (the exports of an
+    earlier attempt, which never reached a checkpoint, go). A resumed run: those not yet passed; a point that an
+    earlier invocation exported only because the run ended before it (its seconds < the point) is done again, as
+    the run now trains on."""
+    points = export_points(cfg)
+    if not resumed:
+        if dist.main and os.path.isdir(os.path.join(cfg.out, "at")):
+            shutil.rmtree(os.path.join(cfg.out, "at"))
+        return points
+    return [m for m in points if (point_exported(cfg.out, m) or {}).get("seconds", -1.0) < 60 * m]
+
+
+def export(distiller, cfg, method: str, path: str, at: dict | None = None) -> None:
+    """The EMA student as a pipeline folder (atomic: pipeline.save_pipeline); `at` (an --export-at point's minutes,
+    step and wall seconds) goes into its pipeline.json's sampler. Called on every rank (FSDP2 gathers the EMA)."""
+    ema = distiller.full_ema()  # the whole EMA on rank 0
+    if distiller.dist.main:
+        save_pipeline(path, ema, distiller.schedule, distiller.pipe.encoder, base=distiller.pipe.path,
+                      sampler={"method": method, **distiller.sampler_spec(), **({"at": at} if at else {})},
+                      teacher=cfg.teacher)
 
 
 def build(cfg, dist: processes.Dist):
@@ -121,6 +171,7 @@ def run(cfg, preset: str, dist: processes.Dist):
                            start=distiller.step)
     bar = logs.progress_bar(cfg.steps, distiller.step, "distill", dist)
     wall = runs.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
+    points = pending_points(cfg, bool(resume), dist)  # --export-at
     while distiller.step < cfg.steps:
         terms = distiller.train_step()
         runs.check_finite(distiller.step, terms, distiller.student)  # NaN/Inf: stop before anything is written
@@ -131,6 +182,10 @@ def run(cfg, preset: str, dist: processes.Dist):
         bar.update(1)
         logger.maybe_print(distiller.step, dist.device)
         s = distiller.step
+        while points and wall.spent(points[0]):  # --export-at: the student as it is when the wall time passes a point
+            m = points.pop(0)
+            export(distiller, cfg, method, point_folder(cfg.out, m),
+                   {"minutes": m, "step": s, "seconds": wall.seconds()})
         last = s == cfg.steps or wall.stop(cfg.time_budget, s, cfg.steps)  # --time-budget: stop, checkpoint, export
         if cfg.ckpt_every and (s % cfg.ckpt_every == 0 or last):
             # every rank: under FSDP2 the shards are gathered to rank 0, which writes the file
@@ -146,11 +201,11 @@ def run(cfg, preset: str, dist: processes.Dist):
         if last:
             break
     bar.close()
-    ema = distiller.full_ema()  # every rank (FSDP2 gathers the shards); the whole EMA on rank 0
+    for m in points:  # the run ended before these points: its final student is what it has there (resumed: redone)
+        export(distiller, cfg, method, point_folder(cfg.out, m),
+               {"minutes": m, "step": distiller.step, "seconds": wall.seconds()})
+    export(distiller, cfg, method, os.path.join(cfg.out, "student"))  # the last word: compare.py's "finished"
     if dist.main:
-        save_pipeline(os.path.join(cfg.out, "student"), ema, distiller.schedule, distiller.pipe.encoder,
-                      base=distiller.pipe.path, sampler={"method": method, **distiller.sampler_spec()},
-                      teacher=cfg.teacher)
         wall.save(distiller.step)
         processes.print0(f"student (EMA) written to {os.path.join(cfg.out, 'student')}")
     processes.barrier()

@@ -40,6 +40,8 @@ class RunConfig:
     steps: int = arg(600, "training iterations")
     time_budget: float = arg(0.0, "minutes of distillation wall time, then stop, checkpoint and export (0: no limit; "
                                   "compare.py gives every method the same)")
+    export_at: str = arg("", "wall-time minutes, comma-separated and ascending (e.g. 1,2,4,6), at which the EMA "
+                             "student is also exported to <out>/at/<m>min/ (compare.py's curves; '': none)")
     global_batch: int = arg(64, "samples per iteration over all processes")
     micro_batch: int = arg(64, "samples per forward per process")
     lr: float = arg(5e-6, "student learning rate")

@@ -9,15 +9,19 @@ images and a discriminator that is f_ψ's own encoder: no new parameters.
 Symbols: f_φ the frozen teacher's x̂_0, f_ψ the fake score's x̂_0, x_g = G_θ(x_T) the generator's sample.
 The paper's method section was not available here: the equations are cited by name, not number, and every
 number is the authors' released code (SiD: training/sid_loss.py; SiD-LSG, their Stable Diffusion version; SiDA).
+Not here: SiD's few-step variant (Zhou et al. 2025) and SiDA's warm-up (θ held for its first 100k images, the
+adversarial term from 200k).
 
 From EDM (the paper) to this VP, ε-predicting codebase. The loss translates exactly, the times by choice:
   - f(x_t, t) = x̂_0 from ε̂ by Eq. 5, (x_t − σ_t ε̂)/α_t. EDM's x^VE = x^VP / α_t at σ^VE = σ_t/α_t, and x̂_0 is the
     same number in both, so the loss below is the paper's term for term (∂x_t/∂x_g = α_t where EDM has 1).
   - σ_init = 2.5, EDM's generator input z → G(σ_init z): first_t = 625, the VP time where σ_t/α_t = 2.5 on SD's
-    schedule (the toy's too), which is also SiD-LSG's init_timestep. The input is x_T ~ N(0, I): VP's unit
-    variance (EDM's network sees c_in σ_init z = 0.98 z).
-  - t ~ U{t_min … t_max} = U{20 … 980} (SiD-LSG's range) for θ's loss; EDM's SiD draws σ on the ρ = 7 grid up to
-    tmax = 800 (σ ≤ 24.4, beyond SD's σ_999 = 14.6: in VP times, quartiles ≈ 7 / 343 / 829 / 999).
+    schedule (the toy's too), which is also SiD-LSG's init_timestep. The input is x_T ~ N(0, I) itself, the
+    project's first-step convention (sampler.cond_time), so evaluate.py samples the generator as trained; SiD-LSG
+    feeds σ_625 z = 0.93 z, EDM's network sees c_in σ_init z = 0.98 z.
+  - t ~ U{t_min … t_max} = U{20 … 980} (SiD-LSG's range) for θ's loss; EDM's SiD draws σ on the ρ = 7 grid, u ~
+    U[0, tmax/1000 = 0.8] of the way from σ_min to σ_max (σ ≤ 24.4, beyond SD's σ_999 = 14.6): u's quartiles and top
+    are the VP times ≈ 7 / 343 / 829 / past 999.
   - f_ψ's loss: the teacher's own training loss, ‖ε̂_ψ − ε‖² at t ~ U{t_min … t_max} (SiD-LSG); EDM's SiD uses
     EDM's weighted x̂_0 loss at log-normal σ.
 

@@ -9,8 +9,8 @@ images and a discriminator that is f_ψ's own encoder: no new parameters.
 Symbols: f_φ the frozen teacher's x̂_0, f_ψ the fake score's x̂_0, x_g = G_θ(x_T) the generator's sample.
 The paper's method section was not available here: the equations are cited by name, not number, and every
 number is the authors' released code (SiD: training/sid_loss.py; SiD-LSG, their Stable Diffusion version; SiDA).
-Not here: SiD's few-step variant (Zhou et al. 2025) and SiDA's warm-up (θ held for its first 100k images, the
-adversarial term from 200k).
+Not here: SiD's few-step variant (Zhou et al. 2025) and the first half of SiDA's warm-up (θ held for its first
+100k images; the second half, the adversarial term only from 200k images on, is --adv-start).
 
 From EDM (the paper) to this VP, ε-predicting codebase. The loss translates exactly, the times by choice:
   - f(x_t, t) = x̂_0 from ε̂ by Eq. 5, (x_t − σ_t ε̂)/α_t. EDM's x^VE = x^VP / α_t at σ^VE = σ_t/α_t, and x̂_0 is the
@@ -73,6 +73,8 @@ class Config(RunConfig):
     adv_weight: float = arg(0.0, "SiDA: weight of θ's adversarial term (0: SiD, data-free; 1: the reference's "
                                  "½ SiD + ½ adversarial, up to a factor Adam ignores); needs real images")
     adv_weight_fake: float = arg(1.0, "SiDA: weight of the discriminator loss in ψ's step (1: the reference)")
+    adv_start: int = arg(0, "SiDA: the adversarial term enters θ's loss from this iteration on, D trains from the "
+                            "start (the reference: after 200k images, 6250 iterations at batch 32)")
 
 
 PRESETS = {
@@ -205,14 +207,15 @@ def validate(cfg: Config) -> None:
               (math.isfinite(cfg.alpha), f"--alpha must be a number, got {cfg.alpha}"),
               (cfg.lr_fake > 0, f"--lr-fake must be > 0, got {cfg.lr_fake}"),
               (cfg.cfg_scale >= 0 and cfg.cfg_fake >= 0, "--cfg-scale and --cfg-fake must be ≥ 0 (1: no guidance)"),
-              (cfg.adv_weight >= 0 and cfg.adv_weight_fake >= 0, "--adv-weight and --adv-weight-fake must be ≥ 0")]
+              (cfg.adv_weight >= 0 and cfg.adv_weight_fake >= 0, "--adv-weight and --adv-weight-fake must be ≥ 0"),
+              (cfg.adv_start >= 0, f"--adv-start must be ≥ 0, got {cfg.adv_start}")]
     cli.require(checks)
 
 
 def unused(cfg: Config) -> dict:
     """The flags this configuration does not read, with why (refused when given: see distill.parse_args)."""
     no_adv = "there is no adversarial term (--adv-weight 0: SiD; > 0: SiDA)"
-    return {"adv_weight_fake": no_adv} if cfg.adv_weight == 0 else {}
+    return {f: no_adv for f in ("adv_weight_fake", "adv_start")} if cfg.adv_weight == 0 else {}
 
 
 class SiD(Distiller):
@@ -276,7 +279,7 @@ class SiD(Distiller):
                 x_t, f_real, f_fake = denoised(self.teacher_fn, self.fake, sch, x_g, d["eps"], d["t"], cond, null_cond,
                                                cfg.cfg_scale, cfg.cfg_fake)
                 terms = {"sid": sid_loss(x_g, f_real, f_fake, cfg.alpha)}
-                if self.adv:  # D = ψ's encoder at the same x_t, frozen: the gradient reaches θ only
+                if self.adv and step >= cfg.adv_start:  # D = ψ's encoder at the same x_t, frozen: reaches θ only
                     terms["adv_g"] = adv_g_loss(self.fake(x_t, d["t"], cond, logits=True), sid_weight(x_g, f_real))
                 loss = terms["sid"] + cfg.adv_weight * terms.get("adv_g", 0)
                 (loss.mean() / self.accum).backward()

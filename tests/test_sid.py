@@ -226,6 +226,12 @@ def test_phi_step_then_theta_step_each_moves_only_its_own_network(teacher, tmp_p
     assert same(snapshot(d.teacher), before["teacher"]) and all(p.grad is None for p in d.teacher.parameters())
 
 
+def test_adv_start_holds_the_adversarial_term_of_theta_only(teacher, tmp_path):
+    d = build(teacher, tmp_path, "--adv-weight", "1", "--adv-start", "1")
+    assert set(d.train_step()) == {"fake", "adv_d", "sid", "grad_norm", "t"}  # iteration 0: D trains, θ's term held
+    assert {"adv_d", "adv_g"} <= set(d.train_step())  # iteration 1: both
+
+
 def test_exported_sampler_is_the_generator(teacher, tmp_path):
     d = build(teacher, tmp_path)
     spec = d.sampler_spec()
@@ -258,8 +264,9 @@ def test_config_and_bad_values(teacher, tmp_path):
         build(teacher, tmp_path, "--timesteps", "999,500")
     with pytest.raises(ValueError, match="--t-min"):
         build(teacher, tmp_path, "--t-min", "500", "--t-max", "400")
-    with pytest.raises(SystemExit):  # SiD (no adversarial term): the flag does nothing, refused
-        build(teacher, tmp_path, "--adv-weight-fake", "2")
+    for flag in ("--adv-weight-fake", "--adv-start"):  # SiD (no adversarial term): the flag does nothing, refused
+        with pytest.raises(SystemExit):
+            build(teacher, tmp_path, flag, "2")
 
 
 # --------------------------------------------------------------------------------------------------

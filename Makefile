@@ -26,7 +26,8 @@ demo: setup
 
 # Every method on the demo's teacher, 3 seeds each, each student scored at 1, 2, 4 and 6 minutes of its one run and
 # the table at 6 (README, "Methods compared"): two distillations at a time, one thread each, then the evaluation on
-# both cores. About 65 minutes on 2 CPU cores for these 6 methods (75 with sid; +5 when the teacher is not made yet);
+# both cores. Measured 60 minutes on the 2-core VM for these 6 methods (2026-12-02; about 10 more with sid, +5 when the
+# teacher is not made yet);
 # resumable, so an interrupted run continues.
 POINTS ?= 1,2,4,6
 compare: setup

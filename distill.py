@@ -167,10 +167,10 @@ def run(cfg, preset: str, dist: processes.Dist):
     processes.print0(f"distill: preset {preset}, method {method}, {dist.world} process(es), accumulation "
                   f"{distiller.accum}, {threads}, student {n_params:.2f}M params, sampler {distiller.sampler_spec()}")
     processes.print0(logs.data_line(cfg.data, distiller.source, distiller.latent_shape, distiller.pipe.autoencoder.downscale))
-    logger = logs.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
-                           start=distiller.step)
-    bar = logs.progress_bar(cfg.steps, distiller.step, "distill", dist)
     wall = runs.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
+    logger = logs.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps,
+                         start=distiller.step, budget_s=wall.left(cfg.time_budget))
+    bar = logs.progress_bar(cfg.steps, distiller.step, "distill", dist)
     points = pending_points(cfg, bool(resume), dist)  # --export-at
     while distiller.step < cfg.steps:
         terms = distiller.train_step()

@@ -39,8 +39,10 @@ class Logger:
     `ratio` iterations, the per-timestep "recon@999") shows "-" there when an interval lacks it, and the other
     columns stay where they were."""
 
-    def __init__(self, every: int, path: str | None = None, total: int | None = None, start: int = 0):
-        self.every, self.path, self.total, self.start = every, path, total, start
+    def __init__(self, every: int, path: str | None = None, total: int | None = None, start: int = 0,
+                 budget_s: float = 0.0):
+        # budget_s: the wall-time seconds a --time-budget leaves this invocation (0: none); the eta is the sooner end
+        self.every, self.path, self.total, self.start, self.budget_s = every, path, total, start, budget_s
         self.columns, self.counters = [], set()  # every term seen, in column order; which of them are counters
         self.sums, self.counts, self.latest, self.count = {}, {}, {}, 0
         self.t_begin = self.t0 = time.perf_counter()  # this invocation's loop; the current interval
@@ -92,7 +94,10 @@ class Logger:
         terms = "  ".join(f"{k} {self.cell(values.get(k), k in self.counters)}" for k in self.columns)
         timing = f"elapsed {self.duration(elapsed)}"
         if self.total and step > self.start:
-            timing += f"  eta {self.duration(elapsed / (step - self.start) * max(self.total - step, 0))}"
+            eta = elapsed / (step - self.start) * max(self.total - step, 0)
+            if self.budget_s > 0:
+                eta = min(eta, max(self.budget_s - elapsed, 0.0))
+            timing += f"  eta {self.duration(eta)}"
         print0(f"{where}  {terms}  {ms:8.1f} ms/it  mem {mem:6.2f} GB  {timing}")
         if self.path and (not dist.is_initialized() or dist.get_rank() == 0):
             with open(self.path, "a") as f:

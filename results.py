@@ -40,8 +40,10 @@ def check_cached(out: str, cfg, preset: str, method: str, teacher_fp: str) -> No
     stored = json.load(open(made))
     now = json.loads(json.dumps({"method": method, "preset": preset, **dataclasses.asdict(cfg)}))
     skip = HOW_IT_RAN | set(METHODS[method].unused(cfg))  # a field the method does not read cannot differ in effect
+    # a field added after the student was made is read as its default: a new field's default keeps the old behaviour
+    default = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)}))
     for k in sorted(set(stored) | set(now)):
-        if k not in skip and stored.get(k) != now.get(k):
+        if k not in skip and stored.get(k, default.get(k)) != now.get(k):
             raise ValueError(f"{out} holds a student made with {k} = {stored.get(k)!r}, now asked for "
                              f"{now.get(k)!r}: use another --out, or remove {out} to distil it again")
     student = os.path.join(out, "student")

@@ -234,6 +234,10 @@ class Wall:
     def seconds(self) -> float:
         return self.before + self.clock() - self.t0
 
+    def left(self, budget_minutes: float) -> float:
+        """Seconds of a --time-budget not yet spent by earlier invocations (0: no budget)."""
+        return max(budget_minutes * 60 - self.seconds(), 1e-3) if budget_minutes > 0 else 0.0
+
     def spent(self, budget_minutes: float) -> bool:
         """Is the budget used up? Rank 0's clock decides for every rank (they must stop at the same step)."""
         if budget_minutes <= 0:

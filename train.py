@@ -209,9 +209,10 @@ def run(cfg: TrainConfig, preset: str, dist: processes.Dist) -> None:
     processes.print0(f"train: preset {preset}, U-Net {cfg.unet} ({n_params:.2f}M params), {cfg.schedule} schedule, "
                   f"{dist.world} process(es), accumulation {accum}, {threads}")
     processes.print0(logs.data_line(cfg.data, source, (model.config["in_channels"], *[model.config["sample_size"]] * 2), 1))
-    logger = logs.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step)
-    bar = logs.progress_bar(cfg.steps, step, "train teacher", dist)
     wall = runs.Wall(os.path.join(cfg.out, "wall.json"), resumed=bool(resume))
+    logger = logs.Logger(cfg.log_every, os.path.join(cfg.out, "log.jsonl") if dist.main else None, cfg.steps, start=step,
+                         budget_s=wall.left(cfg.time_budget))
+    bar = logs.progress_bar(cfg.steps, step, "train teacher", dist)
     while step < cfg.steps:
         # the global batch's indices, times and dropped prompts from (seed, step), sliced; its noise row by row on each
         # rank's device (processes.Noise): 2 ranks × b see what 1 × 2b sees, resume is exact

@@ -168,8 +168,8 @@ class ADD(Distiller):
         cfg, device = self.cfg, self.dist.device
         self.disc = make_discriminator(cfg.disc, self.teacher, self.pipe.encoder, cfg.disc_vit, cfg.grad_ckpt, device)
         self.disc_ddp = self.wrap(self.disc) if self.disc is not None else None  # before its optimiser (FSDP2)
-        self.opt_d = (torch.optim.Adam([p for p in self.disc.parameters() if p.requires_grad], lr=cfg.lr_disc,
-                                       betas=tuple(cfg.adam_betas)) if self.disc is not None else None)
+        self.opt_d = (self.adam([p for p in self.disc.parameters() if p.requires_grad], cfg.lr_disc)
+                      if self.disc is not None else None)
 
     def sampler_spec(self) -> dict:
         return {"kind": "renoise", "timesteps": list(self.cfg.timesteps), "first_t": self.cfg.first_t}

@@ -46,6 +46,8 @@ class RunConfig:
     micro_batch: int = arg(64, "samples per forward per process")
     lr: float = arg(5e-6, "student learning rate")
     adam_betas: tuple = arg((0.9, 0.999), "Adam betas")
+    weight_decay: float = arg(0.0, "AdamW's decoupled weight decay of every trainable network (0: plain Adam; "
+                                   "DMD2's trainer: 0.01)")
     grad_clip: float = arg(0.0, "clip the student's gradient to this global norm (0: off; the norm is logged anyway)")
     timesteps: tuple = arg((999, 750, 500), "the student's inference timesteps; n steps = the first n")
     first_t: int = arg(999, "the time the student is TOLD at its first step from pure noise (999: the paper; "
@@ -156,7 +158,7 @@ class Distiller:
         # only the trainable networks are wrapped for gradient averaging across ranks; the optimiser after it
         # (FSDP2 replaces the parameters by their shards)
         self.student_ddp = self.wrap(self.student)
-        self.opt_g = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        self.opt_g = self.adam(self.student.parameters(), cfg.lr)
         if self.fsdp:
             self.shard_followers()
         self.teacher_fn = torch.compile(self.teacher) if cfg.compile else self.teacher
@@ -239,11 +241,19 @@ class Distiller:
                 self.pipe.autoencoder.encode(images.to(self.dist.device, self.frozen_dtype)).float()
         return cond, null_cond, x0_real
 
+    def adam(self, params, lr: float) -> torch.optim.Optimizer:
+        """Every trainable network's optimiser: AdamW with the run's betas and weight decay (0: exactly Adam)."""
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(self.cfg.adam_betas), weight_decay=self.cfg.weight_decay)
+
+    def clip(self, module) -> float:
+        """Clip `module`'s gradient to cfg.grad_clip's global norm (0: no clipping); returns the norm before it.
+        FSDP2: the global norm over every rank's shards (a DTensor, the same on every rank), clipped shard by shard."""
+        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        return sharding.gather(torch.nn.utils.clip_grad_norm_(module.parameters(), limit)).item()
+
     def update_student(self) -> float:
         """Clip (when cfg.grad_clip > 0), Adam, EMA. Returns the global gradient norm (after DDP's averaging)."""
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        # FSDP2: the global norm over every rank's shards (a DTensor, the same on every rank), clipped shard by shard
-        norm = sharding.gather(torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)).item()
+        norm = self.clip(self.student)
         with record_function("adam_student"):  # phase labels: bench.py reads them from a torch.profiler run
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)

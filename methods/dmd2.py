@@ -212,7 +212,7 @@ class DMD2(Distiller):
         self.fake = FakeScore(self.teacher, self.gan).to(self.dist.device)
         self.fake.unet.gradient_checkpointing = cfg.grad_ckpt
         self.fake_ddp = self.wrap(self.fake)  # before its optimiser: FSDP2 replaces the parameters by their shards
-        self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=cfg.lr_fake, betas=tuple(cfg.adam_betas))
+        self.opt_fake = self.adam(self.fake.parameters(), cfg.lr_fake)
 
     def sampler_spec(self) -> dict:
         return {"kind": "renoise", "timesteps": list(self.cfg.timesteps), "first_t": self.cfg.first_t}
@@ -270,6 +270,7 @@ class DMD2(Distiller):
                 (loss.mean() / self.accum).backward()
             for k, v in terms.items():
                 logs[k] = logs.get(k, 0.0) + v.mean().item() / self.accum
+        logs["grad_norm_fake"] = self.clip(self.fake)  # DMD2's trainer clips φ (and its head) as θ
         self.opt_fake.step()
         self.opt_fake.zero_grad(set_to_none=True)
         self.step += 1

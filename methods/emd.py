@@ -221,7 +221,7 @@ class EMD(Distiller):
         self.fake = copy.deepcopy(self.teacher).float().train().requires_grad_(True)
         self.fake.gradient_checkpointing = self.cfg.grad_ckpt
         self.fake_ddp = self.wrap(self.fake)  # before its optimiser: FSDP2 replaces the parameters by their shards
-        self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=self.cfg.lr_fake, betas=tuple(self.cfg.adam_betas))
+        self.opt_fake = self.adam(self.fake.parameters(), self.cfg.lr_fake)
 
     def sampler_spec(self) -> dict:
         # one step = x̂_0 from x_T (re-noising sampler with a single timestep), told first_t

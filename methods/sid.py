@@ -241,7 +241,7 @@ class SiD(Distiller):
         self.fake = FakeScore(self.teacher).to(self.dist.device)
         self.fake.unet.gradient_checkpointing = self.cfg.grad_ckpt
         self.fake_ddp = self.wrap(self.fake)  # before its optimiser: FSDP2 replaces the parameters by their shards
-        self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=self.cfg.lr_fake, betas=tuple(self.cfg.adam_betas))
+        self.opt_fake = self.adam(self.fake.parameters(), self.cfg.lr_fake)
 
     def state(self) -> tuple[dict, dict]:
         modules, optimizers = super().state()

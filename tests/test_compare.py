@@ -198,3 +198,26 @@ def test_a_failed_job_is_one_line_naming_its_log(teacher, tmp_path, capsys, monk
     assert e.value.code == 2 and err[-1].startswith("error: the distillation of ") and "failed (exit 2): error: " in \
         err[-1] and "nowhere" in err[-1] and err[-1].endswith("distill.log)"), err[-3:]
     assert not list(out.glob("*/seed0/student"))
+
+
+def test_a_cached_student_is_reused_only_if_made_the_same_way(tmp_path):
+    """results.check_cached against a hand-written config.json: equal settings (and how-it-ran fields like --threads
+    differing) pass; any other field differing is one line naming it; a field the stored config lacks (added to the
+    code after the student was made) counts as its default, so only a non-default value of it re-distils."""
+    import dataclasses
+    from results import check_cached
+    cfg, preset = distill.parse_args(["--method", "dmd2", "--preset", "toy"])
+    (tmp_path / "state.safetensors").write_bytes(b"")  # a started run
+    stored = {"method": "dmd2", "preset": preset, **json.loads(json.dumps(dataclasses.asdict(cfg)))}
+
+    def check(changed: dict, **now):
+        (tmp_path / "config.json").write_text(json.dumps({**stored, **changed}))
+        check_cached(str(tmp_path), dataclasses.replace(cfg, **now), preset, "dmd2", "fp")
+    check({})
+    check({"threads": 7})  # how it ran, not what it made
+    with pytest.raises(ValueError, match="lr = 0.5"):
+        check({"lr": 0.5})
+    del stored["weight_decay"]  # a student made before the field existed
+    check({})
+    with pytest.raises(ValueError, match="weight_decay = None"):
+        check({}, weight_decay=0.01)

@@ -211,7 +211,8 @@ def test_theta_step_then_phi_step_each_moves_only_its_own_network(teacher, tmp_p
         return fake_loss(*args, **kwargs)
     monkeypatch.setattr(dmd2, "fake_score_loss", spy)
     logs = d.train_step()
-    assert set(logs) == {"dm", "dm_grad", "gan_g", "grad_norm", "fake", "gan_d", "t"} and logs["t"] == 500
+    assert set(logs) == {"dm", "dm_grad", "gan_g", "grad_norm", "fake", "gan_d", "grad_norm_fake", "t"}
+    assert logs["t"] == 500
     at_phi = seen["at_phi"]
     # θ step: θ (and its EMA) moved; φ and its head did not, and hold no gradient for the φ step
     assert not same(at_phi["student"], before["student"]) and not same(at_phi["ema"], before["ema"])
@@ -230,9 +231,48 @@ def test_phi_only_iteration_leaves_theta_alone(teacher, tmp_path):
     d.step = step_with(d.cfg, 999, theta=False)
     theta, ema, phi = snapshot(d.student), snapshot(d.ema), snapshot(d.fake)
     logs = d.train_step()
-    assert set(logs) == {"fake", "t"}
+    assert set(logs) == {"fake", "grad_norm_fake", "t"}
     assert same(snapshot(d.student), theta) and same(snapshot(d.ema), ema) and not same(snapshot(d.fake), phi)
     assert all(p.grad is None for p in d.student.parameters())
+
+
+def test_phi_step_is_clipped_adamw_written_out(teacher, tmp_path):
+    """DMD2's trainer: AdamW (decoupled weight decay) and gradient clipping for φ as for θ. The first AdamW step
+    written out: p ← p·(1 − lr·wd) − lr · ĝ / (|ĝ| + eps), ĝ the gradient scaled to norm ≤ clip."""
+    lr, wd, clip = 1e-3, 0.5, 1e-3
+    d = build(teacher, tmp_path, "--lr-fake", str(lr), "--weight-decay", str(wd), "--grad-clip", str(clip))
+    assert all(g["weight_decay"] == wd for opt in (d.opt_g, d.opt_fake) for g in opt.param_groups)
+    d.step = step_with(d.cfg, 999, theta=False)
+    seen, step = {}, d.opt_fake.step
+
+    def spy():  # what the optimiser is handed: φ's weights and its (clipped) gradient
+        seen["p"] = [p.detach().clone() for p in d.fake.parameters()]
+        seen["g"] = [p.grad.clone() if p.grad is not None else None for p in d.fake.parameters()]
+        return step()
+    d.opt_fake.step = spy
+    logs = d.train_step()
+    grads = [g for g in seen["g"] if g is not None]
+    handed = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+    assert logs["grad_norm_fake"] > 10 * clip and handed == pytest.approx(clip, rel=1e-4)  # clipped to the limit
+    for p, p0, g in zip(d.fake.parameters(), seen["p"], seen["g"]):
+        if g is None:
+            continue
+        want = p0 * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)
+        assert torch.allclose(p.detach(), want, atol=1e-7), "not the written-out AdamW step"
+
+
+def test_weight_decay_zero_is_exactly_adam(teacher, tmp_path):
+    d = build(teacher, tmp_path, "--lr", "1e-3")
+    ref = torch.nn.Linear(4, 3)
+    ref2 = torch.nn.Linear(4, 3)
+    ref2.load_state_dict(ref.state_dict())
+    a, b = d.adam(ref.parameters(), 1e-3), torch.optim.Adam(ref2.parameters(), lr=1e-3, betas=tuple(d.cfg.adam_betas))
+    for i in range(3):
+        for net, opt in ((ref, a), (ref2, b)):
+            net(torch.randn(5, 4, generator=gen(i))).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert same(snapshot(ref), snapshot(ref2))
 
 
 def test_update_ratio(teacher, tmp_path):

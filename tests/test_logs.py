@@ -47,6 +47,10 @@ def test_line_has_step_of_total_elapsed_and_eta_and_comes_at_step_one(capsys, cl
     logger = logs.Logger(125, None, total=800, start=400)
     lines = run_logger(capsys, logger, clock, range(401, 500), lambda s: {"loss": 0.5}, seconds_per_step=2.0)
     assert lines == [lines[0]] and lines[0].startswith("step 401/800 ") and "elapsed 2s  eta 13m18s" in lines[0]
+    # a --time-budget of 5 minutes left: the eta is when the budget ends, if sooner than the last step
+    logger = logs.Logger(125, None, total=1000000, budget_s=300)
+    lines = run_logger(capsys, logger, clock, range(1, 126), lambda s: {"loss": 0.5})
+    assert "elapsed 1s  eta 4m59s" in lines[0] and "elapsed 2m05s  eta 2m55s" in lines[1]
 
 
 def test_a_term_missing_from_an_interval_keeps_every_column_in_place(capsys, clock, tmp_path):

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
 DEMO   ?= runs/demo
-METHODS ?= imagine_flash,dmd2,emd,lcm,add,step_distill
+METHODS ?= imagine_flash,dmd2,emd,lcm,add,step_distill,sid
 
 .PHONY: setup demo compare icons icons-bench gpu-check test clean
 
@@ -26,9 +26,8 @@ demo: setup
 
 # Every method on the demo's teacher, 3 seeds each, each student scored at 1, 2, 4 and 6 minutes of its one run and
 # the table at 6 (README, "Methods compared"): two distillations at a time, one thread each, then the evaluation on
-# both cores. Measured 60 minutes on the 2-core VM for these 6 methods (2026-12-02; about 10 more with sid, +5 when the
-# teacher is not made yet);
-# resumable, so an interrupted run continues.
+# both cores. Measured 60 minutes on the 2-core VM for the first 6 methods (2026-12-02) and 12.5 more for sid, +5
+# when the teacher is not made yet; resumable, so an interrupted run continues.
 POINTS ?= 1,2,4,6
 compare: setup
 	$(PY) train.py --preset toy --out $(DEMO)/teacher --resume auto

@@ -21,7 +21,6 @@ Columns of the table: NFE (a CFG step counts 2), seconds per image, and quality:
   python evaluate.py --ablation --teacher runs/demo/teacher --out runs/ablation   (Table 3 at toy scale)
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ import processes
 import runs
 from metrics import Judge, RealData, ToyJudge
 from pipeline import encode_prompts, load_pipeline
+from results import table as results_table
 from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_sample, student_timesteps, trailing
 
 
@@ -237,22 +237,6 @@ def save_grid_picture(rows: list[tuple[str, torch.Tensor]], path: str, labels: l
             canvas.paste(Image.fromarray(arr), (label_w + c * (cell + pad), y))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
-
-
-def write_table(results: list[dict], path_md: str, header: str) -> str:
-    cols = [("method", "method"), ("NFE", "nfe"), ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"),
-            ("judge FD ↓", "judge_fd"), ("label acc ↑", "label_acc"), ("word AUC ↑", "word_auc"), ("FID ↓", "fid"),
-            ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"), ("saturation", "saturation"), ("contrast", "contrast")]
-    cols = [(h, k) for h, k in cols if any(k in r for r in results)]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and abs(v) < 1 else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [header, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(k, "")) for _, k in cols) + " |" for r in results]
-    text = "\n".join(lines) + "\n"
-    with open(path_md, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(path_md)[0] + ".json", "w") as f:
-        json.dump(results, f, indent=2)
-    return text
 
 
 def check_out(out: str) -> None:
@@ -508,7 +492,7 @@ def main(argv=None) -> None:
                            fid=args.fid, fid_weights=args.fid_weights, data=args.data)
         student_rows = [r for r in results if r["method"].startswith("student")]
         ts = max((r["timesteps"] for r in student_rows), key=len, default=None)
-        table = write_table(results, os.path.join(args.out, "results.md"),
+        table = results_table(results, os.path.join(args.out, "results.md"),
                             f"teacher {args.teacher}, student {args.student}"
                             + (f" (timesteps {', '.join(map(str, ts))}; n steps = the first n)" if ts else "")
                             + f", {args.n} samples per method, teacher CFG {args.cfg_scale}"

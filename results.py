@@ -19,7 +19,7 @@ import statistics
 from methods import METHODS
 
 
-METRICS = ("toy_fd", "judge_fd", "label_acc", "word_auc", "fid", "fid_tf", "clip", "saturation", "sec_per_image")
+METRICS = ("toy_fd", "judge_fd", "label_acc", "word_auc", "fid", "fid_tf", "clip", "saturation", "contrast", "sec_per_image")
 
 
 # fields that say how a run ran, not what it made: a cached student made with other values is still the same student
@@ -71,23 +71,23 @@ def summarise(method: str, per_seed: list[list[dict]], walls: list[float]) -> li
 
 
 def table(rows: list[dict], path_md: str, header: str) -> str:
-    """Markdown (mean ± sd over seeds) and JSON (every number)."""
+    """Markdown (mean ± sd where a row has several seeds) and JSON (every number): compare.py's table and
+    evaluate.py's results.md. A column is shown when any row has it."""
     def cell(r, k):
-        if k not in r:
-            return ""
-        v, sd = r[k], r.get(k + "_sd")
+        v, sd = r.get(k), r.get(k + "_sd")
+        if k in ("method", "nfe", "seeds") or not isinstance(v, float):
+            return "" if v is None else str(v)
+        if k == "distill_min":
+            return f"{v:.1f}"
         f = (lambda x: f"{x:.4f}") if abs(v) < 1 else (lambda x: f"{x:.2f}")
         return f(v) + (f" ± {f(sd) if sd >= 1e-4 else '0'}" if sd is not None and r.get("seeds", 1) > 1 else "")
     cols = [("method", "method"), ("NFE", "nfe"), ("seeds", "seeds"), ("distill min", "distill_min"),
             ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"), ("judge FD ↓", "judge_fd"), ("label acc ↑", "label_acc"),
-            ("word AUC ↑", "word_auc"), ("FID ↓", "fid"),
-            ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"), ("saturation", "saturation")]
+            ("word AUC ↑", "word_auc"), ("FID ↓", "fid"), ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"),
+            ("saturation", "saturation"), ("contrast", "contrast")]
     cols = [(h, k) for h, k in cols if any(k in r for r in rows)]
     lines = [header, "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r[k]) if k in ("method", "nfe", "seeds") and k in r else
-                                       (f"{r[k]:.1f}" if k == "distill_min" and k in r else cell(r, k))
-                                       for _, k in cols) + " |")
+    lines += ["| " + " | ".join(cell(r, k) for _, k in cols) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
     with open(path_md, "w") as f:
         f.write(text)

@@ -130,7 +130,7 @@ def langevin(drift, eps: torch.Tensor, z: torch.Tensor, noise_eps: torch.Tensor,
         # what was injected earlier by (1 − γ) per step; its path through the nonlinear drift is not tracked.
         acc_eps = (1 - step_eps) * acc_eps + n_eps
         acc_z = (1 - step_z) * acc_z + n_z
-    if cancel:  # Eq. E3, noise cancellation: (ε, z) ← (ε_K − Σ noise, z_K − Σ noise)
+    if cancel:  # Eq. E3, noise cancellation: (ε, z) ← (ε_K − acc_ε, z_K − acc_z), the injected noise as it stands now
         eps, z = eps - acc_eps, z - acc_z
     return eps.detach(), z.detach()  # stop-gradient: the E-step's samples are data for the M-step
 

@@ -15,6 +15,7 @@ from PIL import Image
 import evaluate
 import metrics
 from data import make_toy
+from results import table as results_table
 from metrics import Judge, RealData, ToyClassifier, frechet_distance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,7 +243,7 @@ def test_evaluate_scores_a_text_teacher_on_its_caption_folder(judged, sets, tmp_
     assert {"judge_fd", "word_auc"} <= sample.keys()
     _, heldout = judged
     assert labels[0] == heldout.prompts(4)  # the samples were prompted with the held-out captions
-    table = evaluate.write_table(rows, str(tmp_path / "ev" / "results.md"), "")
+    table = results_table(rows, str(tmp_path / "ev" / "results.md"), "")
     assert "judge FD ↓" in table and "word AUC ↑" in table and "toy FD" not in table
 
 

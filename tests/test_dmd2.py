@@ -231,7 +231,7 @@ def test_phi_only_iteration_leaves_theta_alone(teacher, tmp_path):
     d.step = step_with(d.cfg, 999, theta=False)
     theta, ema, phi = snapshot(d.student), snapshot(d.ema), snapshot(d.fake)
     logs = d.train_step()
-    assert set(logs) == {"fake", "grad_norm_fake", "t"}
+    assert set(logs) == {"fake", "gan_d", "grad_norm_fake", "t"}  # φ and its GAN head: the toy preset has it
     assert same(snapshot(d.student), theta) and same(snapshot(d.ema), ema) and not same(snapshot(d.fake), phi)
     assert all(p.grad is None for p in d.student.parameters())
 
@@ -276,8 +276,8 @@ def test_weight_decay_zero_is_exactly_adam(teacher, tmp_path):
 
 
 def test_update_ratio(teacher, tmp_path):
-    d = build(teacher, tmp_path, "--ratio", "3", "--lr", "1e-3", "--lr-fake", "1e-3")
-    assert d.fake.head is None and not d.needs_images()  # toy preset: no GAN
+    d = build(teacher, tmp_path, "--ratio", "3", "--lr", "1e-3", "--lr-fake", "1e-3", "--gan-weight", "0")
+    assert d.fake.head is None and not d.needs_images()  # --gan-weight 0: no head, no real images
     moved = []
     for _ in range(7):
         theta, phi = snapshot(d.student), snapshot(d.fake)
@@ -357,14 +357,18 @@ def test_gradient_accumulation_equals_one_big_micro_batch(teacher, tmp_path):
 def test_config_and_bad_values(teacher, tmp_path):
     cfg, preset = distill.parse_args(["--method", "dmd2"])
     assert preset == "toy" and isinstance(cfg, dmd2.Config) and cfg == dmd2.PRESETS["toy"]
-    assert (cfg.timesteps, cfg.first_t, cfg.ratio, cfg.gan_weight, cfg.adam_betas) == ((999, 666, 333), 600, 3, 0.0, (0.0, 0.999))
+    # what the preset must do: DMD2's whole method (the GAN head on real images) and a 1-step student that is not
+    # noise (the first step told t < 999), with a batch a CPU run takes
+    d = build(teacher, tmp_path)
+    assert cfg.gan_weight > 0 and d.fake.head is not None and d.needs_images() and cfg.first_t < 999
+    assert cfg.global_batch <= 32
     assert set(dmd2.PRESETS) >= {"toy", "cifar10", "t2i"}
     with pytest.raises(ValueError, match="--ratio"):
         build(teacher, tmp_path, "--ratio", "0")
     with pytest.raises(ValueError, match="--gan-t-max"):
         build(teacher, tmp_path, "--gan-weight", "0.01", "--gan-t-max", "0")
     with pytest.raises(SystemExit):  # without the GAN head the flag does nothing: refused, not kept in config.json
-        build(teacher, tmp_path, "--gan-t-max", "500")
+        build(teacher, tmp_path, "--gan-weight", "0", "--gan-t-max", "500")
 
 
 # --------------------------------------------------------------------------------------------------

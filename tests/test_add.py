@@ -246,7 +246,7 @@ def test_cli_smoke_run(teacher, tmp_path):
               "config.json", "log.jsonl"):
         assert (out / f).is_file(), f
     spec = json.loads((out / "student/pipeline.json").read_text())["sampler"]
-    assert spec == {"method": "add", "kind": "renoise", "timesteps": [999, 750, 500, 250], "first_t": 999}
+    assert spec == {"method": "add", "kind": "renoise", "timesteps": [999, 750, 500, 250], "first_t": 600}  # the preset's
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 2 and all({"distill", "adv_g", "d"} <= set(r) for r in logs)
     student, state = load_pipeline(str(out / "student")), load_file(str(out / "state.safetensors"))

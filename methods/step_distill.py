@@ -68,8 +68,9 @@ PRESETS = {
     # CPU, the demo's toy teacher (16×16, class-conditional, scaled_linear). 200 + 2 × 400 iterations of batch 32,
     # about 6 minutes at one thread beside another run: the comparison's budget (docs/recipes.md). Salimans & Ho
     # train each halving round to convergence; at 200 per round (3.4 minutes) the 4-step student scored toy FD 1.12,
-    # at 400 per round 0.83 (seed 0), but over 3 seeds 0.98 ± 0.15 vs
-    # 1.03 ± 0.07: no gain beyond the spread (and beside another run the budget stops it inside the last round). lr 1e-4 follows imagine_flash's toy preset; start 16 and final 4 not varied.
+    # at 400 per round 0.83 (seed 0), but over 3 seeds 0.98 ± 0.15 vs 1.03 ± 0.07: no gain beyond the spread (and
+    # beside another run the budget stops it inside the last round). lr 1e-4 follows imagine_flash's toy preset;
+    # start 16 and final 4 not varied.
     "toy": Config(stage1_steps=200, start_steps=16, final_steps=4, steps_per_round=400, steps=1000, lr=1e-4,
                   global_batch=32, micro_batch=32, cfg_scale=2.0, ckpt_every=100, out="runs/demo/step_distill"),
     # NOT measured: guesses mirroring imagine_flash's cifar10 preset. Unconditional teacher: no CFG, so no stage 1.

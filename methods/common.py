@@ -48,7 +48,8 @@ class RunConfig:
     adam_betas: tuple = arg((0.9, 0.999), "Adam betas")
     weight_decay: float = arg(0.0, "AdamW's decoupled weight decay of every trainable network (0: plain Adam; "
                                    "DMD2's trainer: 0.01)")
-    grad_clip: float = arg(0.0, "clip the student's gradient to this global norm (0: off; the norm is logged anyway)")
+    grad_clip: float = arg(0.0, "clip the student's gradient (and DMD2's fake score's) to this global norm (0: off; "
+                                 "the norm is logged anyway)")
     timesteps: tuple = arg((999, 750, 500), "the student's inference timesteps; n steps = the first n")
     first_t: int = arg(999, "the time the student is TOLD at its first step from pure noise (999: the paper; "
                             "less: a deviation, see sampler.cond_time)")

@@ -21,6 +21,7 @@ Columns of the table: NFE (a CFG step counts 2), seconds per image, and quality:
   python evaluate.py --ablation --teacher runs/demo/teacher --out runs/ablation   (Table 3 at toy scale)
 """
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 import cli
 import processes
 import runs
-from metrics import Judge, RealData, ToyJudge
+from metrics import Judge, RealData, ToyJudge, judge_settings
 from pipeline import encode_prompts, load_pipeline
 from results import table as results_table
 from sampler import eps_fn_for, linspace, sample, sample_dpmpp, student_sample, student_timesteps, trailing
@@ -160,7 +161,11 @@ def judge_key(data: str | None, reference: str | None) -> dict:
     if data in (None, "toy"):
         return {}
     real = RealData(data, None, reference)
-    return {"data": data, "data_content": real.key, "heldout_content": real.heldout_key}
+    # and how it is judged: the judge's settings, and the prompts' order (a hash of the captions as prompted)
+    prompts = real.prompts(len(real.ref_idx)) if real.kind == "folder" else None
+    order = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16] if prompts else None
+    return {"data": data, "data_content": real.key, "heldout_content": real.heldout_key,
+            "judge": judge_settings(real), "prompt_order": order}
 
 
 def check_weights(inception: str | None, clip: str | None, fid: str, fid_weights: str | None, device):
@@ -371,6 +376,25 @@ ABLATIONS = [  # (row name, distill.py flags on top of the toy preset: plain Eq.
 ]
 
 
+def check_judge(data: str | None, reference: str | None, out: str) -> None:
+    """evaluate.py --judge-check: metrics.judge_check of the judge of `data` (toy: at 16 px; a folder: at its first
+    image's size, at most the judge's 32), printed and written to out/judge_check.md (+ .json)."""
+    from metrics import JUDGE_SIZE, judge_check
+    if not data:
+        raise ValueError("--judge-check needs --data (toy, cifar10:<root> or an image folder)")
+    check_out(out)
+    size = 16 if data == "toy" else JUDGE_SIZE
+    if data != "toy" and not data.startswith("cifar10"):  # a folder: its images' own size, up to the judge's
+        from PIL import Image
+        size = min(size, min(Image.open(RealData(data, None, reference).ds.paths[0]).size))
+    real = RealData(data, size, reference)
+    judge = ToyJudge(16, judge_cache(out, data)) if data == "toy" else Judge(real, judge_cache(out, data))
+    rows = judge_check(judge, real)
+    title = (f"judge of {data}" + (f" (held out: {reference})" if reference else "") + f": {rows[0]['n']} held-out real "
+             f"images, changed as named, against the {len(judge.ref_feats)} of the reference; × floor: of the first row")
+    print(results_table(rows, os.path.join(out, "judge_check.md"), title))
+
+
 def ablation(args, device) -> None:
     """Every ABLATIONS row distilled once per seed (--ablation-seeds) and scored at 1 and 3 steps: mean ± sd.
     Resumable: a row's finished seeds are not distilled or sampled again, an interrupted one continues from its
@@ -463,6 +487,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads; 0 fits the machine, as distill.py --threads 0 (default: %(default)s)")
+    p.add_argument("--judge-check", action="store_true",
+                   help="only check the judge of --data on its own held-out images: its FD after blur, noise and a "
+                        "colour cast, of training images, and the word AUC with captions shuffled, as multiples of the "
+                        "clean images' FD; writes judge_check.md (+ .json) in --out; no teacher needed (default: off)")
     p.add_argument("--ablation", action="store_true",
                    help="distill and evaluate the paper's Table 3 rows (default: off)")
     p.add_argument("--ablation-seeds", default="0,1,2", help="(with --ablation) distillation seeds per row, "
@@ -487,6 +515,8 @@ def main(argv=None) -> None:
         print(f"evaluate: {processes.use_threads(args.threads)}")
         if args.ablation:
             return ablation(args, device)
+        if args.judge_check:
+            return check_judge(args.data, args.reference, args.out)
         results = evaluate(args.teacher, args.student or None, args.out, args.n, args.batch_size, args.cfg_scale,
                            args.seed, args.inception, args.reference, args.clip, args.prompts, args.grid_cols, device,
                            fid=args.fid, fid_weights=args.fid_weights, data=args.data)

@@ -82,7 +82,7 @@ def table(rows: list[dict], path_md: str, header: str) -> str:
         f = (lambda x: f"{x:.4f}") if abs(v) < 1 else (lambda x: f"{x:.2f}")
         return f(v) + (f" ± {f(sd) if sd >= 1e-4 else '0'}" if sd is not None and r.get("seeds", 1) > 1 else "")
     cols = [("method", "method"), ("NFE", "nfe"), ("seeds", "seeds"), ("distill min", "distill_min"),
-            ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"), ("judge FD ↓", "judge_fd"), ("label acc ↑", "label_acc"),
+            ("s / image", "sec_per_image"), ("toy FD ↓", "toy_fd"), ("judge FD ↓", "judge_fd"), ("× floor", "x_floor"), ("label acc ↑", "label_acc"),
             ("word AUC ↑", "word_auc"), ("FID ↓", "fid"), ("FID (TF-Inception) ↓", "fid_tf"), ("CLIP ↑", "clip"),
             ("saturation", "saturation"), ("contrast", "contrast")]
     cols = [(h, k) for h, k in cols if any(k in r for r in rows)]

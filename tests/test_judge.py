@@ -285,6 +285,17 @@ def test_scored_rows_are_keyed_on_the_judges_data(sets, tmp_path):
     assert evaluate.judge_key(str(copy), None)["data_content"] != key["data_content"]
 
 
+def test_scored_rows_are_keyed_on_how_they_are_judged(sets, monkeypatch):
+    # rows scored by another judge (its settings changed in the code) or prompted in another order are not reused
+    data, reference, _ = sets
+    key = evaluate.judge_key(data, reference)
+    assert key["judge"] == {} and key["prompt_order"]  # 140 training images: under FOLDER_JUDGE_MIN
+    monkeypatch.setattr(metrics, "FOLDER_JUDGE_MIN", 10)
+    assert evaluate.judge_key(data, reference)["judge"] == metrics.FOLDER_JUDGE
+    monkeypatch.setattr(RealData, "prompts", lambda self, n: [f"prompt {i}" for i in range(n)][::-1])
+    assert evaluate.judge_key(data, reference)["prompt_order"] != key["prompt_order"]
+
+
 def test_cifar10_path_on_a_stand_in(monkeypatch):
     # torchvision's CIFAR-10 checks its files' checksums: a stand-in with the same attributes (uint8 NHWC, labels)
     import data
@@ -306,3 +317,22 @@ def test_cifar10_path_on_a_stand_in(monkeypatch):
     assert len(images) == 30 and images.shape[1:] == (3, 32, 32) and -1 <= images.min() < images.max() <= 1
     scored = judge(images, labels)
     assert scored.keys() == {"judge_fd", "label_acc"} and scored["label_acc"] > 0.9
+
+
+def test_judge_check_reads_known_changes_of_the_held_out_images(sets, tmp_path):
+    # evaluate.py --judge-check: no teacher; the clean row is the floor, every change of the pictures is above it and
+    # grows with its strength, the same pictures with shuffled captions keep their FD and lose their adherence
+    data, reference, _ = sets
+    evaluate.main(["--judge-check", "--data", data, "--reference", reference, "--out", str(tmp_path), "--threads", "1"])
+    rows = {r["method"]: r for r in json.load(open(tmp_path / "judge_check.json"))}
+    fd = {k: r["judge_fd"] for k, r in rows.items()}
+    floor = fd["real images (the floor)"]
+    assert rows["real images (the floor)"]["x_floor"] == 1.0 and fd["prompts shuffled"] == floor
+    assert floor < fd["blur σ 0.6"] < fd["blur σ 1.0"] and floor < fd["noise σ 0.1"] < fd["noise σ 0.2"]
+    assert fd["red cast +0.4"] > 2 * floor and abs(rows["blur σ 1.0"]["x_floor"] - fd["blur σ 1.0"] / floor) < 1e-9
+    assert rows["real images (the floor)"]["word_auc"] > 0.9 and abs(rows["prompts shuffled"]["word_auc"] - 0.5) < 0.15
+    assert sum(k.startswith("training images") for k in rows) == 4
+    assert "judge FD" in open(tmp_path / "judge_check.md").read()
+    with pytest.raises(SystemExit) as e:  # no --data: one line, exit 2
+        evaluate.main(["--judge-check", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2

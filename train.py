@@ -54,6 +54,9 @@ class TrainConfig:
     lr: float = arg(1e-3, "Adam learning rate")
     warmup: int = arg(100, "linear warm-up steps")
     cond_drop: float = arg(0.1, "probability of training on the null condition (CFG)")
+    offset_noise: float = arg(0.0, "offset noise s: ε + s·δ with δ ~ N(0, 1) one value per image and channel, so that "
+                                   "the model learns to set the mean colour that a schedule's x_999 still holds "
+                                   "(0: plain ε; 0.1 is the usual value)")
     ema_decay: float = arg(0.999, "EMA decay")
     label_seed: int = arg(0, "seed of the toy label-embedding table")
     seed: int = arg(0, "random seed")
@@ -232,7 +235,10 @@ def run(cfg: TrainConfig, preset: str, dist: processes.Dist) -> None:
                 cond, _ = encode_prompts(encoder, prompts, device)
             sync = m == accum - 1 or dist.world == 1
             with (model_ddp.no_sync() if not sync else torch.enable_grad()), processes.autocast(dist, cfg.bf16):
-                eps = processes.Noise(cfg.seed, step, sl, device)(*source.image_shape)  # this slice's ε, on the device
+                noise = processes.Noise(cfg.seed, step, sl, device)
+                eps = noise(*source.image_shape)  # this slice's ε, on the device
+                if cfg.offset_noise:  # a constant per image and channel on top: the mean colour is noised too
+                    eps = eps + cfg.offset_noise * noise(source.image_shape[0], 1, 1)
                 loss = diffusion_loss(model_ddp, schedule, images.to(device), t_all[sl].to(device), eps, cond).mean()
                 (loss / accum).backward()
             total += loss.item() / accum

@@ -262,3 +262,19 @@ def test_the_run_says_its_threads_and_puts_them_back(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(toy_train(tmp_path / "u", "--steps", "1", "--threads", "-1"))
     assert e.value.code == 2 and "--threads must be ≥ 0" in capsys.readouterr().out
+
+
+def test_train_offset_noise_adds_one_constant_per_image_and_channel(tmp_path, monkeypatch):
+    # --offset-noise s: the ε the loss sees is the plain draw plus s × one N(0, 1) value per image and channel
+    seen = []
+    real_loss = train.diffusion_loss
+    monkeypatch.setattr(train, "diffusion_loss", lambda m, sch, x0, t, eps, c: seen.append(eps.clone()) or
+                        real_loss(m, sch, x0, t, eps, c))
+    train.main(toy_train(tmp_path / "plain", "--steps", "1", "--threads", "1"))
+    train.main(toy_train(tmp_path / "offset", "--steps", "1", "--threads", "1", "--offset-noise", "0.5"))
+    plain, offset = seen
+    diff = offset - plain  # (8, 3, 8, 8): constant over each image's pixels, per channel
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-6)
+    consts = diff[:, :, 0, 0].flatten()
+    assert consts.abs().min() > 0 and 0.2 < consts.std().item() < 1.0  # 24 draws of 0.5 × N(0, 1)
+    assert len({round(v, 5) for v in consts.tolist()}) == consts.numel()  # a value of its own per image and channel

@@ -678,7 +678,7 @@ def judge_check(judge: Judge, data: RealData, subsets: int = 4, seed: int = 0) -
         cases.append(("prompts shuffled", clean, prompts[perm] if torch.is_tensor(prompts) else [prompts[i] for i in perm]))
     cases += [("blur σ 0.6", TF.gaussian_blur(clean, 7, 0.6), None), ("blur σ 1.0", TF.gaussian_blur(clean, 7, 1.0), None),
               ("noise σ 0.1", noisy(0.1), None), ("noise σ 0.2", noisy(0.2), None), ("red cast +0.4", cast, None)]
-    train = data.training()[0] if data.kind == "toy" else _images_of(data.ds, data.train_idx)
+    train = data.training()[0]  # at the judge's size, which is what it sees of any image
     for k in range(subsets):
         idx = torch.randperm(len(train), generator=g)[:len(clean)]
         cases.append((f"training images {k + 1}", train[idx], None))

@@ -83,10 +83,11 @@ TRAIN_PRESETS = {
                            steps=800_000, lr=2e-4, warmup=5000, cond_drop=0.0, ema_decay=0.9999, toy_images=0,
                            log_every=500, ckpt_every=10_000, bf16=True),
     # The real-image benchmark (icons.py: `make icons`): 32×32 icons with captions, read through the small offline
-    # word encoder make_word_encoder wrote; the "icons" U-Net (2.5M). Sized for 2 CPU cores: about 30 minutes (33 min
-    # alone on the 2-core VM, 2026-12-02). offset_noise 0.1: without it the samples are dark (mean pixel 0.18 vs the
-    # data's 0.45: scaled_linear leaves α_999 = 0.068 of the image in x_999, pure noise gives none); with it 0.46, and
-    # the judge FD of DPM++ 25 steps 10.8 vs 26.9 (300 samples, docs/icons_teacher_offset.md).
+    # word encoder make_word_encoder wrote; the "icons" U-Net (2.5M). Sized for 2 CPU cores: about 25 minutes (23.4 min
+    # alone on the 2-core VM in make icons-bench, 2026-12-02; 33 min in an earlier run). offset_noise 0.1: without it
+    # the samples are dark (mean pixel 0.18 vs the data's 0.45: scaled_linear leaves α_999 = 0.068 of the image in
+    # x_999, pure noise gives none); with it 0.46, and the judge FD of DPM++ 25 steps 10.8 vs 26.9 (300 samples,
+    # docs/icons_teacher_offset.md; 10.4 vs 24.2 at 1,000 in the README's icons table and the one it replaced).
     "icons": TrainConfig(unet="icons", data="data/icons/train", text_encoder="data/icons/text_encoder",
                          out="runs/icons/teacher", steps=2000, global_batch=64, micro_batch=64, lr=1e-3, warmup=100,
                          cond_drop=0.1, ema_decay=0.998, offset_noise=0.1, toy_images=0, log_every=50, ckpt_every=250),

@@ -93,11 +93,13 @@ def save_state(path: str, step: int, modules: dict, optimizers: dict, extra: dic
     tmp = temp_name(path)
     try:
         save_file(tensors, tmp, metadata={"imagine_flash": json.dumps(meta)})
+        # named before the rename: a signal between the two would otherwise report the step before; the message
+        # reads the step from the file that is there (runs.last_checkpoint), so it is right on either side of it
+        PROGRESS["checkpoint"] = path
         os.replace(tmp, path)
     finally:  # an error or Ctrl-C mid-write leaves the old checkpoint and no temporary file
         if os.path.exists(tmp):
             os.remove(tmp)
-    PROGRESS["checkpoint"] = f"{path} (step {step})"
 
 
 def temp_name(path: str) -> str:
@@ -178,7 +180,7 @@ def load_state(path: str, modules: dict, optimizers: dict, config: dict | None =
                 torch.cuda.set_rng_state(f.get_tensor("rng.cuda"))
     except (SafetensorError, OSError) as e:
         raise _corrupt(path, e) from None
-    PROGRESS["checkpoint"] = f"{path} (step {meta['step']})"
+    PROGRESS["checkpoint"] = path
     return meta
 
 

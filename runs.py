@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from cli import error_line, one_line_errors
 from processes import Dist, agree, cleanup_distributed, collective_device, dist_initialized, print0, setup_distributed, unwrap
@@ -69,9 +70,17 @@ def mid_run() -> bool:
 
 
 def last_checkpoint() -> str:
-    if PROGRESS["checkpoint"]:
-        return f"the last checkpoint is {PROGRESS['checkpoint']}"
-    return "this run has no checkpoint yet"
+    """The checkpoint on disk and its step, read from its header now (not remembered: a signal can land between
+    the rename that completes a write and any bookkeeping after it)."""
+    path = PROGRESS["checkpoint"]
+    if not path or not os.path.exists(path):
+        return "this run has no checkpoint yet"
+    try:
+        with safe_open(path, "pt") as f:
+            step = json.loads(f.metadata()["imagine_flash"])["step"]
+    except Exception:  # an unreadable header: the path alone still says where to look
+        return f"the last checkpoint is {path}"
+    return f"the last checkpoint is {path} (step {step})"
 
 
 # the trace of a run that failed before its first checkpoint: nothing to resume, so a plain retry may replace it.

@@ -289,6 +289,27 @@ def test_sigterm_is_one_line_exit_143_and_leaves_no_temp_file(teacher, tmp_path)
     assert f"(step {step})" in last  # the line names the checkpoint that is really there
 
 
+def test_a_signal_right_after_the_rename_names_the_new_checkpoint(tmp_path, monkeypatch):
+    # the race CI once met: SIGTERM landed between the rename that completed step 2's write and the bookkeeping after
+    # it, and the line named step 1. Here the rename is done and then interrupted, as the signal would.
+    path = str(tmp_path / "state.safetensors")
+    net = torch.nn.Linear(3, 2)
+    runs.start_progress(str(tmp_path))
+    checkpoints.save_state(path, 1, {"net": net}, {})
+    real_replace = os.replace
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_state(path, 2, {"net": net}, {})
+    assert checkpoints.read_state(path)[1]["step"] == 2
+    assert runs.last_checkpoint() == f"the last checkpoint is {path} (step 2)"
+    runs.start_progress(None)
+
+
 def test_lock_comes_before_loading_and_dead_temps_go(teacher, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     held = runs.open_run(str(out), "", False, processes.Dist())  # another run holds the folder

@@ -65,8 +65,10 @@ PRESETS = {
     # gets a third of θ's updates: the comparison table measures what that costs at one step. The GAN term on (the
     # paper's method), at 3e-2: there its gradient on x̂_θ is 11–14 % of the DM term's; at DMD2's 3e-3 it was 1.5–2 %
     # and changed nothing (docs/recipes.md). Adam β (0, 0.999): the reference trainer's AdamW (0.9, 0.999, weight
-    # decay 0.01, clip 10) was tried: better at 3 steps, worse at 1 and 2 (docs/recipes.md).
-    "toy": Config(timesteps=(999, 666, 333), first_t=600, lr=5e-5, lr_fake=5e-5, ratio=3, gan_weight=3e-2,
+    # decay 0.01, clip 10) was tried: better at 3 steps, worse at 1 and 2 (docs/recipes.md). lr 1e-4 for θ and φ
+    # (DMD2's 2e-6 makes no visible progress in 6 CPU minutes): against 5e-5, 3 seeds, 1 / 2 steps 2.47 / 1.11 vs
+    # 5.55 / 3.49 and still falling at 6 minutes; 3 steps 0.29 at 2 minutes, then rising to 1.56 (5e-5: 0.83).
+    "toy": Config(timesteps=(999, 666, 333), first_t=600, lr=1e-4, lr_fake=1e-4, ratio=3, gan_weight=3e-2,
                   steps=1500, global_batch=32, micro_batch=32, ckpt_every=250, out="runs/demo/dmd2"),
     # The real-image benchmark (icons.py, `make icons`; train.py --preset icons): the toy preset on 32×32 icons with
     # captions. Carried over, not tuned on icons (README, "Real images").

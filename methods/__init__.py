@@ -11,7 +11,8 @@ modules (methods/common.py, sampler.py, schedule.py, discriminator.py, …), nev
   add             adversarial diffusion distillation: forward-noised data, discriminator + score distillation (Sauer et al. 2023)
   lcm             latent consistency distillation: skip-step CFG teacher solve, EMA target network (Luo et al. 2023)
   sid             score identity distillation, data-free, online fake score; SiDA's adversarial term (Zhou et al. 2024)
+  sida            SiDA: sid with its adversarial term on real images, as its own entry (presets only) (Zhou et al. 2025)
 """
-from methods import add, dmd2, emd, imagine_flash, lcm, sid, step_distill
+from methods import add, dmd2, emd, imagine_flash, lcm, sid, sida, step_distill
 
-METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd, "add": add, "step_distill": step_distill, "lcm": lcm, "sid": sid}
+METHODS = {"imagine_flash": imagine_flash, "dmd2": dmd2, "emd": emd, "add": add, "step_distill": step_distill, "lcm": lcm, "sid": sid, "sida": sida}

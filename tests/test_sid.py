@@ -352,3 +352,15 @@ def test_torchrun_two_processes_equal_one_process(cli_run, teacher, tmp_path):
                 diff = (a[f"{net}.{name}"] - b[f"{net}.{name}"]).abs()[keep]
                 assert diff.numel() == 0 or diff.max() <= 1e-6, f"{net}.{name}: {diff.max():.3g}"
         assert kept > 0.5 * total, (opt, kept, total)  # most weights are compared
+
+
+def test_sida_is_sid_with_its_adversarial_term_on(teacher, tmp_path):
+    # --method sida runs SiD's iteration with the adversarial branch on (both terms logged), needs real images, and
+    # refuses a weight of 0 (that is --method sid); what its toy preset must do beyond that is the sweep's (docs/)
+    cfg, _ = distill.parse_args(["--method", "sida", *sid_args(teacher, str(tmp_path))[2:]])
+    assert distill.method_of(cfg) == "sida" and cfg.adv_weight > 0
+    d = distill.build(cfg, processes.Dist())
+    assert d.needs_images() and {"fake", "adv_d", "sid", "adv_g"} <= set(d.train_step())
+    bad, _ = distill.parse_args(["--method", "sida", "--adv-weight", "0"])
+    with pytest.raises(ValueError, match="0 is --method sid"):
+        distill.check(bad)

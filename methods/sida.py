@@ -11,7 +11,7 @@ after 200k images (6250 iterations at batch 32, --adv-start); the toy's 6 minute
 
     python distill.py --method sida --preset toy --teacher runs/demo/teacher
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import cli
 from cli import arg
@@ -30,8 +30,7 @@ PRESETS = {
     # sweep (docs/recipes.md, SiD / SiDA; seed 0, 6 minutes, ~290 iterations): 1 (the reference's balance) made the
     # 1-step student noise (18.8); 0.1 and 0.01 gave 0.97 and 0.91 against SiD's 1.01 ± 0.09: no gain, no harm, at a
     # budget where D has barely begun to tell real from generated. 0.1: the largest weight that did not hurt.
-    "toy": Config(adv_weight=0.1, lr=5e-5, lr_fake=5e-5, cfg_scale=2.0, cfg_fake=2.0, steps=1500, global_batch=32, micro_batch=32,
-                  ckpt_every=250, out="runs/demo/sida"),
+    "toy": Config(**{**asdict(sid.PRESETS["toy"]), "adv_weight": 0.1, "out": "runs/demo/sida"}),
 }
 
 
